@@ -1,0 +1,1 @@
+"""Part 1, fundamentals: PyTorch essentials, data, and deep networks."""

@@ -1,0 +1,162 @@
+"""The site: a strict build, offline, with notebooks, checked in a browser."""
+
+import functools
+import http.server
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from cave import book
+
+ROOT = book.ROOT
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+    """The site built strictly. It runs each chapter unless the fences of
+    this test session already did (they run first and fill the cache)."""
+    target = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d",
+         str(target)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "WARNING" not in done.stderr, done.stderr[-3000:]
+    return target
+
+
+def pages(site):
+    return sorted(p for p in site.rglob("index.html")
+                  if "assets" not in p.parts)
+
+
+def test_every_chapter_page_shows_its_outputs_and_notebook(site):
+    for chapter in book.chapters():
+        html = (site / chapter.part / chapter.stem / "index.html").read_text()
+        assert "cave-output" in html, f"{chapter}: no output shown"
+        assert f'href="../{chapter.stem}.ipynb"' in html
+        assert (site / chapter.part / f"{chapter.stem}.ipynb").exists()
+        assert chapter.module_title in html, "fence titles name the module"
+        for src in re.findall(r'<img src="(figure-[\d-]+\.png)"', html):
+            assert (site / chapter.part / chapter.stem / src).exists(), src
+
+
+def test_the_site_needs_no_network(site):
+    external = re.compile(
+        r'<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)="(https?:)?//',
+        re.I)
+    for page in site.rglob("*.html"):
+        found = external.search(page.read_text())
+        assert not found, f"{page.relative_to(site)} loads {found.group(0)}"
+    for css in site.rglob("*.css"):
+        assert "fonts.googleapis" not in css.read_text()
+
+
+def test_lab_pages_are_rendered_and_executed(site):
+    html = (site / "labs" / "break_the_network" / "index.html").read_text()
+    assert "jp-OutputArea" in html or "output_png" in html or \
+        "data:image/png" in html, "the lab's figures are missing"
+
+
+def test_labs_run_as_plain_scripts():
+    for lab in sorted((book.DOCS / "labs").glob("*.py")):
+        done = subprocess.run(
+            [sys.executable, str(lab)], cwd=ROOT, capture_output=True,
+            text=True, timeout=600, env=dict(os.environ, MPLBACKEND="Agg"))
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_generated_notebook_runs_end_to_end():
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = book.DOCS / "fundamentals" / "data.md"
+    nb = nbformat.reads(book.notebook(path), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code"
+               for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any(o.output_type == "stream" for o in outputs)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def served(site):
+    handler = functools.partial(_Quiet, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: install chromium")
+        pytest.skip("no /usr/bin/chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+def test_every_page_in_a_real_browser(site, served, browser):
+    checked = []
+    for page_file in pages(site):
+        rel = page_file.parent.relative_to(site).as_posix()
+        url = served + ("" if rel == "." else rel + "/")
+        page = browser.new_page()
+        errors, outside = [], []
+        page.on("console", lambda m, e=errors: m.type == "error" and
+                e.append(m.text))
+        page.on("pageerror", lambda exc, e=errors: e.append(str(exc)))
+        page.on("request", lambda r, o=outside: o.append(r.url)
+                if not r.url.startswith((served, "data:", "blob:"))
+                else None)
+        page.goto(url, wait_until="networkidle")
+        html = page.content()
+        assert not errors, f"{url}: console errors {errors}"
+        assert not outside, f"{url}: requests left 127.0.0.1: {outside}"
+        if "arithmatex" in html:
+            page.wait_for_selector(".katex", timeout=10_000)
+            text = page.inner_text("article")
+            assert "\\(" not in text and "\\[" not in text, \
+                f"{url}: raw math left unrendered"
+        if page.locator("article pre > code").count():
+            assert page.locator(".md-clipboard").count() > 0, \
+                f"{url}: code without copy buttons"
+        checked.append(rel)
+        page.close()
+    assert {f"{c.part}/{c.stem}" for c in book.chapters()} <= set(checked)
+
+
+def test_search_finds_a_word_from_a_chapter(served, browser):
+    page = browser.new_page()
+    page.goto(served, wait_until="networkidle")
+    page.click("label.md-search__icon, label[for=__search]")
+    page.fill("input.md-search__input", "broadcasting")
+    result = page.wait_for_selector(".md-search-result__item",
+                                    timeout=15_000)
+    link = result.query_selector("a").get_attribute("href")
+    assert "fundamentals/essentials" in link, link
+    page.close()

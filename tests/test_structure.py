@@ -1,0 +1,165 @@
+"""The shape of the book: chapters, modules, imports, fences, CI."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cave import book
+
+ROOT = book.ROOT
+CHAPTERS = book.chapters()
+PARTS = ["fundamentals", "classical", "transformers", "techniques",
+         "frontiers", "scale"]  # the order of BOOK.md's chambers
+ALLOWED = {"torch", "numpy", "matplotlib", "cave"}  # and the standard library
+
+
+def all_markdown():
+    return sorted(book.DOCS.rglob("*.md"))
+
+
+def test_every_chapter_has_its_module_and_every_module_its_chapter():
+    on_disk = {(p.parent.name, p.stem) for p in book.DOCS.glob("*/*.md")
+               if p.name != "index.md"}
+    assert on_disk == {(c.part, c.stem) for c in CHAPTERS}, \
+        "every chapter must be in the nav, and the nav only lists chapters"
+    modules = {(p.parent.name, p.stem)
+               for p in (book.CODE / "cave").glob("*/*.py")
+               if p.name != "__init__.py"}
+    assert modules == on_disk, (
+        f"modules without a chapter: {sorted(modules - on_disk)}; "
+        f"chapters without a module: {sorted(on_disk - modules)}")
+
+
+def test_modules_are_generated_from_their_chapters():
+    problems = book.check()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_nav_is_the_book_in_the_order_of_its_parts():
+    parts = [c.part for c in CHAPTERS]
+    assert parts, "the nav lists no chapter"
+    assert parts == sorted(parts, key=PARTS.index), \
+        f"parts out of order: {parts}"
+    for part in set(parts):
+        assert (book.CODE / "cave" / part / "__init__.py").exists()
+
+
+def _imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module
+
+
+def test_modules_import_only_from_earlier_chapters():
+    order = {c.module_name: i for i, c in enumerate(CHAPTERS)}
+    for i, chapter in enumerate(CHAPTERS):
+        tree = ast.parse(chapter.module.read_text())
+        for name in _imports(tree):
+            target = next((m for m in order if name == m or
+                           name.startswith(m + ".")), None)
+            if target is not None:
+                assert order[target] < i, (
+                    f"{chapter.module_name} imports {name}, which comes "
+                    "later in the book (imports flow only backward)")
+            elif name.startswith("cave."):
+                assert name == "cave", f"{chapter} imports unknown {name}"
+
+
+def test_book_code_uses_no_library_but_pytorch():
+    sources = [(c.module, c.module.read_text()) for c in CHAPTERS]
+    sources += [(md, f.code) for md in all_markdown()
+                for f in book.python_fences(md.read_text())]
+    sources += [(lab, lab.read_text()) for lab in book.DOCS.rglob("*.py")]
+    for path, source in sources:
+        for name in _imports(ast.parse(source)):
+            top = name.split(".")[0]
+            assert top in ALLOWED or top in sys.stdlib_module_names, (
+                f"{path.relative_to(ROOT)} imports {name}: the book's code "
+                "uses only PyTorch, NumPy, matplotlib and the standard "
+                "library (reference libraries belong in tests/)")
+
+
+def test_no_package_named_code():
+    assert not (ROOT / "code" / "__init__.py").exists()
+    import code
+
+    assert Path(code.__file__).parent == Path(ast.__file__).parent, \
+        "`import code` must find the standard library's module"
+
+
+def test_no_fence_carries_a_bare_flag():
+    bad = [f"{md.relative_to(ROOT)}:{f.line}: ```{f.info}"
+           for md in all_markdown() for f in book.fences(md.read_text())
+           if f.flags]
+    assert not bad, ("bare flags break superfences rendering; use the brace "
+                     "form {.python ...}:\n" + "\n".join(bad))
+
+
+def test_titled_fences_name_their_own_chapter_module():
+    for md in all_markdown():
+        for f in book.python_fences(md.read_text()):
+            if f.title is not None:
+                rel = md.relative_to(book.DOCS).with_suffix(".py")
+                assert f.title == f"cave/{rel.as_posix()}", \
+                    f"{md.relative_to(ROOT)}:{f.line} titled {f.title}"
+
+
+def test_pytest_collects_every_python_fence_and_nothing_else():
+    expected = sum(len(book.python_fences(md.read_text()))
+                   for md in all_markdown())
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "docs"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    items = [line for line in out.splitlines() if "::" in line]
+    assert items and all(".md::[CodeFence#" in line for line in items), \
+        "only Markdown fences may be collected under docs/:\n" + out[-2000:]
+    assert len(items) == expected, (
+        f"pytest collected {len(items)} fences, the book's parser counts "
+        f"{expected}:\n{out[-2000:]}")
+
+
+def _readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", readme)
+
+
+def test_readme_opens_with_serve_and_test_commands():
+    serve, test = _readme_commands()[:2]
+    assert "pip install -r requirements.txt" in serve
+    assert serve.endswith("mkdocs serve")
+    assert "pip install -r requirements.txt" in test
+    assert test.endswith("-m pytest")
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    test = _readme_commands()[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test in ci, ".ci/run must run the README's test command as is"
+    assert "apt-get install -y chromium" in "\n".join(ci)
+
+
+def test_requirements_pin_everything_exactly():
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-e"):
+            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line), line
+    assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text()
+
+
+@pytest.mark.parametrize("name, sha", [
+    ("tinyshakespeare.txt", "86c4e6aa"),
+    ("mnist-t10k-images-idx3-ubyte.gz", "8d422c7b"),
+    ("mnist-t10k-labels-idx1-ubyte.gz", "f7ae60f9"),
+])
+def test_shipped_data_is_package_data(name, sha):
+    import hashlib
+    from importlib.resources import files
+
+    data = files("cave").joinpath("_data", name).read_bytes()
+    assert hashlib.sha256(data).hexdigest().startswith(sha)
