@@ -208,3 +208,12 @@ def test_notebook_has_one_code_cell_per_fence():
     assert len(code) == len(book.python_fences(path.read_text()))
     assert nb.metadata.kernelspec.name == "python3"
     nbformat.validate(nb)
+
+
+def test_future_imports_carry_to_later_fences(tmp_path):
+    chapter = tmp_path / "c.md"
+    chapter.write_text("```python\nfrom __future__ import annotations\n```"
+                       "\n\n```python\ndef f() -> Later: ...\n"
+                       "print(f.__annotations__['return'])\n```\n")
+    run = book.ChapterRun(chapter)
+    assert run.run_to(1).text == "Later\n"

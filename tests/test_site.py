@@ -15,6 +15,8 @@ from cave import book
 
 ROOT = book.ROOT
 CHROMIUM = Path("/usr/bin/chromium")
+# Material 9.8 draws copy buttons as .md-code__button; older ones .md-clipboard
+COPY_BUTTON = "button[data-md-type=copy], button.md-clipboard"
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +145,7 @@ def test_every_page_in_a_real_browser(site, served, browser):
             assert "\\(" not in text and "\\[" not in text, \
                 f"{url}: raw math left unrendered"
         if page.locator("article pre > code").count():
-            assert page.locator(".md-clipboard").count() > 0, \
+            assert page.locator(COPY_BUTTON).count() > 0, \
                 f"{url}: code without copy buttons"
         checked.append(rel)
         page.close()
@@ -153,8 +155,8 @@ def test_every_page_in_a_real_browser(site, served, browser):
 def test_search_finds_a_word_from_a_chapter(served, browser):
     page = browser.new_page()
     page.goto(served, wait_until="networkidle")
-    page.click("label.md-search__icon, label[for=__search]")
-    page.fill("input.md-search__input", "broadcasting")
+    page.keyboard.press("/")  # Material's shortcut to the search box
+    page.keyboard.type("broadcasting", delay=30)
     result = page.wait_for_selector(".md-search-result__item",
                                     timeout=15_000)
     link = result.query_selector("a").get_attribute("href")

@@ -20,6 +20,7 @@ Command line::
 
 from __future__ import annotations
 
+import __future__
 import base64
 import contextlib
 import dataclasses
@@ -314,6 +315,11 @@ def _collect_figures() -> list[tuple[str, bytes]]:
     return figures
 
 
+_FUTURE_FLAGS = 0
+for _name in __future__.all_feature_names:
+    _FUTURE_FLAGS |= getattr(__future__, _name).compiler_flag
+
+
 class ChapterRun:
     """One chapter run top to bottom in one namespace, each fence once."""
 
@@ -325,6 +331,7 @@ class ChapterRun:
                           "__file__": str(self.path)}
         self.outputs: list[Output] = []
         self.failed: int | None = None  # index of the fence that failed
+        self.future = 0  # `from __future__` flags carry on, as in a notebook
 
     def index_of(self, line: int) -> int:
         for i, fence in enumerate(self.fences):
@@ -341,7 +348,9 @@ class ChapterRun:
         os.environ.setdefault("MPLBACKEND", "Agg")
         fence = self.fences[self.done]
         source = "\n" * fence.line + fence.code
-        code = compile(source, str(self.path), "exec", dont_inherit=True)
+        code = compile(source, str(self.path), "exec", flags=self.future,
+                       dont_inherit=True)
+        self.future |= code.co_flags & _FUTURE_FLAGS
         out = io.StringIO()
         start = time.perf_counter()
         try:
@@ -388,8 +397,8 @@ def _cache_key(text: str) -> str:
 
 
 def _cache_file(path: Path) -> Path:
-    rel = Path(path).resolve().relative_to(DOCS).with_suffix("")
-    return CACHE / ("__".join(rel.parts) + ".json")
+    part, stem = Path(path).resolve().with_suffix("").parts[-2:]
+    return CACHE / f"{part}__{stem}.json"
 
 
 def save_outputs(run: ChapterRun) -> None:
@@ -449,7 +458,7 @@ def notebook(path: Path) -> str:
         if fence.title:
             head.append(f"# {fence.title} (the book's module)")
         lines[fence.line - 1:fence.line] = head
-    rel = Path(path).resolve().relative_to(ROOT)
+    rel = "docs/" + "/".join(Path(path).parts[-2:])
     intro = (f"*Deep Learning Cave, generated from `{rel}`. Run it where "
              "the book's package `cave` is installed "
              "(`pip install -r requirements.txt` in the book's folder).*")
