@@ -217,3 +217,15 @@ def test_future_imports_carry_to_later_fences(tmp_path):
                        "print(f.__annotations__['return'])\n```\n")
     run = book.ChapterRun(chapter)
     assert run.run_to(1).text == "Later\n"
+
+
+def test_chapter_namespace_is_a_module_dataclasses_and_pickle_can_find(
+        tmp_path):
+    chapter = tmp_path / "c.md"
+    chapter.write_text(
+        "```python\nfrom __future__ import annotations\nimport dataclasses"
+        "\nimport pickle\n\n@dataclasses.dataclass\nclass Config:\n"
+        "    width: int = 3\n\nprint(pickle.loads(pickle.dumps(Config())))"
+        "\nprint(__name__ == '__main__')\n```\n")
+    out = book.ChapterRun(chapter).run_to(0)
+    assert out.text == "Config(width=3)\nFalse\n"

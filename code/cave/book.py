@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # code/cave/book.py -> repo
@@ -327,8 +328,16 @@ class ChapterRun:
         self.path = Path(path).resolve()
         self.text = self.path.read_text(encoding="utf-8")
         self.fences = python_fences(self.text)
-        self.namespace = {"__name__": "__chapter__",
-                          "__file__": str(self.path)}
+        # The namespace is a real module, registered like an imported one,
+        # so that dataclasses, pickle and multiprocessing can find what the
+        # chapter defines. Its name is not "__main__": a chapter's
+        # `if __name__ == "__main__":` blocks are for its command line.
+        part, stem = self.path.with_suffix("").parts[-2:]
+        module = types.ModuleType(f"__chapter_{part}_{stem}__".replace(
+            "-", "_"), f"The running chapter {part}/{stem}")
+        module.__file__ = str(self.path)
+        sys.modules[module.__name__] = module
+        self.namespace = module.__dict__
         self.outputs: list[Output] = []
         self.failed: int | None = None  # index of the fence that failed
         self.future = 0  # `from __future__` flags carry on, as in a notebook
@@ -385,15 +394,20 @@ class EarlierFenceFailed(RuntimeError):
     """A fence cannot run because one before it in its chapter failed."""
 
 
-def _cache_key(text: str) -> str:
+def _code_digest() -> str:
+    """A digest of the package's code and the torch it runs on."""
     import torch
 
-    digest = hashlib.sha256(text.encode())
-    digest.update(torch.__version__.encode())
+    digest = hashlib.sha256(torch.__version__.encode())
     for module in sorted((CODE / "cave").rglob("*.py")):
         digest.update(str(module.relative_to(CODE)).encode())
         digest.update(module.read_bytes())
     return digest.hexdigest()[:20]
+
+
+def _cache_key(text: str) -> str:
+    """Outputs stay valid while the chapter and the package are unchanged."""
+    return hashlib.sha256((_code_digest() + text).encode()).hexdigest()[:20]
 
 
 def _cache_file(path: Path) -> Path:
@@ -497,6 +511,16 @@ def _render_outputs(markdown: str, outputs: list[Output], url: str) -> str:
                       f"{pad}</figure>"]
         lines[fence.end:fence.end] = block
     return "\n".join(lines) + "\n"
+
+
+def on_config(config):
+    """Key mkdocs-jupyter's cache of executed labs on the package as well:
+    its own key sees only the lab's text, and labs import `cave`."""
+    plugin = config.plugins.get("mkdocs-jupyter")
+    if plugin is not None:
+        plugin.config["cache_dir"] = str(
+            ROOT / ".cache" / "mkdocs-jupyter" / _code_digest())
+    return config
 
 
 def on_files(files, config):
