@@ -1,0 +1,290 @@
+"""The deep-networks chapter: batch norm, dropout and Adam equal PyTorch's."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cave.fundamentals.deep_networks import (MLP, Adam, BatchNorm1d, Dropout,
+                                             MLPConfig, TrainConfig,
+                                             evaluate, one_cycle_lr,
+                                             random_shift, train)
+
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32, sums in a different order
+
+
+def pair(**kwargs):
+    ours, theirs = BatchNorm1d(**kwargs), nn.BatchNorm1d(**kwargs)
+    if ours.affine:  # non-trivial gamma and beta
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def assert_same_state(ours, theirs):
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **TOL)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(2, 16), c=st.integers(1, 8),
+       length=st.one_of(st.none(), st.integers(1, 5)),
+       affine=st.booleans(), track=st.booleans(),
+       momentum=st.sampled_from([0.1, 0.5, None]))
+def test_batchnorm_equals_torch(n, c, length, affine, track, momentum):
+    torch.manual_seed(n * 100 + c)
+    ours, theirs = pair(num_features=c, affine=affine, momentum=momentum,
+                        track_running_stats=track)
+    shape = (n, c) if length is None else (n, c, length)
+    for _ in range(4):  # several training steps: running stats accumulate
+        x = torch.randn(shape) * 3 + 1
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        torch.testing.assert_close(y1, y2, **TOL)
+        w = torch.randn(shape)
+        (y1 * w).sum().backward()
+        (y2 * w).sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, **TOL)
+        if affine:
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad,
+                                       **TOL)
+            torch.testing.assert_close(ours.bias.grad, theirs.bias.grad,
+                                       **TOL)
+    assert_same_state(ours, theirs)
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    assert_same_state(ours, theirs)  # evaluation changes no buffer
+
+
+def test_batchnorm_running_stats_use_unbiased_variance():
+    bn = BatchNorm1d(1, momentum=1.0)  # running stats = last batch's
+    x = torch.tensor([[1.0], [2.0], [3.0], [6.0]])  # (4, 1)
+    bn(x)
+    torch.testing.assert_close(bn.running_mean, torch.tensor([3.0]))
+    torch.testing.assert_close(bn.running_var, x.var(0))  # unbiased: 14/3
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_batchnorm_eval_uses_running_stats():
+    bn = BatchNorm1d(3, affine=False)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 9.0, 16.0]))
+    bn.eval()
+    x = torch.tensor([[1.0, 5.0, 7.0]])  # one example is fine in eval
+    want = (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(bn(x), want)
+
+
+def test_batchnorm_state_dict_loads_into_torch():
+    ours = BatchNorm1d(5)
+    ours(torch.randn(8, 5))
+    theirs = nn.BatchNorm1d(5)
+    theirs.load_state_dict(ours.state_dict())  # strict: same keys
+    assert_same_state(ours, theirs)
+
+
+def test_batchnorm_under_bf16_autocast_keeps_dtype():
+    bn = BatchNorm1d(4)
+    x = torch.randn(16, 4, dtype=torch.bfloat16)
+    y = bn(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    assert bn.running_mean.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 2, 2), (8,), (8, 5), (8, 5, 3)])
+def test_batchnorm_shape_errors_name_expected_and_actual(shape):
+    bn = BatchNorm1d(4)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 4\)"
+                       r".*got " + str(shape).replace("(", r"\(")
+                       .replace(")", r"\)")):
+        bn(torch.randn(shape))
+
+
+def test_batchnorm_one_example_in_training_is_an_error():
+    with pytest.raises(ValueError, match="more than 1 value"):
+        BatchNorm1d(3)(torch.randn(1, 3))
+
+
+def test_dropout_statistics_match_torch():
+    torch.manual_seed(0)
+    x = torch.full((500, 1000), 2.0)
+    for p in [0.1, 0.5, 0.8]:
+        ours, theirs = Dropout(p)(x), nn.Dropout(p)(x)
+        for y in (ours, theirs):
+            # 500,000 draws: the zero fraction's std is <= 0.0008
+            assert abs((y == 0).float().mean().item() - p) < 0.005
+            assert abs(y.mean().item() - 2.0) < 0.03  # E[y] = x
+        torch.testing.assert_close(ours[ours != 0].unique(),
+                                   torch.tensor([2.0 / (1 - p)]))
+        torch.testing.assert_close(theirs[theirs != 0].unique(),
+                                   torch.tensor([2.0 / (1 - p)]))
+
+
+def test_dropout_eval_identity_and_edges():
+    x = torch.randn(64, 32)
+    assert torch.equal(Dropout(0.7).eval()(x), x)
+    assert torch.equal(Dropout(0.0)(x), x)
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))
+    for p in [-0.1, 1.5]:
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            Dropout(p)
+
+
+def test_dropout_gradient_is_the_mask():
+    torch.manual_seed(0)
+    x = torch.randn(100, 50, requires_grad=True)
+    y = Dropout(0.5)(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (y != 0).float() * 2.0)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.9)])
+def test_adam_equals_torch(weight_decay, betas):
+    torch.manual_seed(0)
+    shapes = [(3,), (4, 5), (2, 3, 4), ()]
+    ps = [torch.randn(s) for s in shapes]
+    ours = [p.clone().requires_grad_() for p in ps]
+    theirs = [p.clone().requires_grad_() for p in ps]
+    kw = dict(lr=1e-2, betas=betas, eps=1e-8, weight_decay=weight_decay)
+    opt1, opt2 = Adam(ours, **kw), torch.optim.Adam(theirs, **kw)
+    for step in range(25):
+        grads = [torch.randn(s) * (step + 1) for s in shapes]
+        for params, opt in [(ours, opt1), (theirs, opt2)]:
+            opt.zero_grad()
+            sum((p * g).sum() + (p ** 2).sum() for p, g
+                in zip(params, grads)).backward()
+            opt.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(ours, theirs):
+        s1, s2 = opt1.state[a], opt2.state[b]
+        torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"])
+        torch.testing.assert_close(s1["exp_avg_sq"], s2["exp_avg_sq"])
+        assert s1["step"] == int(s2["step"]) == 25
+
+
+def test_adam_first_step_is_lr_times_sign():
+    # bias correction: the first step moves every weight by lr * sign(g)
+    p = torch.zeros(4, requires_grad=True)
+    opt = Adam([p], lr=0.1, eps=0.0)
+    p.grad = torch.tensor([3.0, -0.001, 50.0, -2.0])
+    opt.step()
+    torch.testing.assert_close(p.detach(),
+                               torch.tensor([-0.1, 0.1, -0.1, 0.1]))
+
+
+def test_adam_skips_params_without_grad_and_param_groups():
+    a = torch.ones(2, requires_grad=True)
+    b = torch.ones(2, requires_grad=True)
+    opt = Adam([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1)
+    b.grad = torch.ones(2)
+    opt.step()
+    assert torch.equal(a.detach(), torch.ones(2))  # no grad: untouched
+    torch.testing.assert_close(b.detach(), torch.full((2,), 0.5))
+
+
+def test_adam_rejects_bad_hyperparameters():
+    p = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(ValueError, match="learning rate"):
+        Adam(p, lr=-1)
+    with pytest.raises(ValueError, match="betas"):
+        Adam(p, betas=(0.9, 1.0))
+
+
+def test_mlp_shapes_and_input_forms():
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden=(32, 16))).eval()
+    x = torch.rand(5, 28, 28)
+    assert model(x).shape == (5, 10)
+    torch.testing.assert_close(model(x), model(x.reshape(5, 784)))
+
+
+def test_mlp_without_batch_norm_or_dropout_has_no_such_layers():
+    model = MLP(MLPConfig(hidden=(8,), batch_norm=False, dropout=0.0))
+    kinds = [type(m) for m in model.layers]
+    assert kinds == [nn.Linear, nn.ReLU, nn.Linear]
+    assert model.layers[0].bias is not None  # no batch norm: keep the bias
+
+
+@pytest.mark.parametrize("init, std", [("kaiming", (2 / 784) ** 0.5),
+                                       ("xavier", (2 / (784 + 512)) ** 0.5),
+                                       ("naive", 1.0)])
+def test_mlp_init_schemes(init, std):
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden=(512,), init=init))
+    w = model.layers[0].weight  # (512, 784)
+    assert abs(w.std().item() / std - 1) < 0.02
+
+
+def test_mlp_errors():
+    model = MLP(MLPConfig(hidden=(8,)))
+    with pytest.raises(TypeError, match="float pixels.*uint8"):
+        model(torch.zeros(2, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, 784\).*\(2, 27, 27\)"):
+        model(torch.zeros(2, 27, 27))
+    with pytest.raises(ValueError, match="init"):
+        MLP(MLPConfig(init="orthogonal"))
+    with pytest.raises(ValueError, match="activation"):
+        MLP(MLPConfig(activation="swish"))
+
+
+def test_one_cycle_lr_shape():
+    lrs = [one_cycle_lr(s, 100, 1.0, warmup=0.2) for s in range(100)]
+    assert lrs.index(max(lrs)) == 19 and max(lrs) == 1.0
+    assert all(a < b for a, b in zip(lrs[:19], lrs[1:20]))  # warm-up
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:]))  # cosine down
+    assert lrs[-1] < 0.001
+
+
+def test_random_shift_moves_whole_images():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 28, 28)
+    x[:, 10:18, 10:18] = 1.0  # a square well inside the frame
+    y = random_shift(x, 2)
+    assert y.shape == x.shape
+    assert torch.equal(y.sum((1, 2)), x.sum((1, 2)))  # nothing cut off
+    rows = y.sum(2).argmax(1) - 10  # (64,) vertical shift of each image
+    assert set(rows.tolist()) <= set(range(-2, 3)) and len(set(rows)) > 1
+    assert torch.equal(random_shift(x, 0), x)
+
+
+def test_short_training_run_learns():
+    # 1,000 digits, 2 small epochs: far above the 10 % of chance
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(10, 28, 28, generator=g)
+    labels = torch.randint(0, 10, (1200,), generator=g)
+    noise = torch.rand(1200, 28, 28, generator=g)
+    images = ((0.6 * centres[labels] + 0.4 * noise) * 255).to(torch.uint8)
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden=(64,)))
+    before = evaluate(model, images[1000:], labels[1000:])[1]
+    history = train(model, (images[:1000], labels[:1000]),
+                    (images[1000:], labels[1000:]),
+                    TrainConfig(epochs=2, batch_size=64, bf16=False,
+                                max_shift=1))
+    assert history.best_val_acc > 0.9 > before + 0.3
+    assert len(history.step_loss) == 2 * 16 and len(history.val_acc) == 2
+    assert history.step_loss[-1] < history.step_loss[0]
+    assert evaluate(model, images[1000:], labels[1000:])[1] == pytest.approx(
+        history.best_val_acc)  # the kept weights are the best epoch's
+
+
+def test_mnist_training_beats_chance():
+    from cave.fundamentals.data import mnist_split
+
+    (tx, ty), (vx, vy) = mnist_split(seed=0)
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden=(256,)))
+    history = train(model, (tx[:4000], ty[:4000]), (vx, vy),
+                    TrainConfig(epochs=2, max_shift=0))
+    assert history.best_val_acc > 0.9
+    assert history.best_epoch in (0, 1)
