@@ -495,3 +495,15 @@ def test_every_exported_name_exists():
     assert {"softmax", "log_softmax", "cross_entropy", "layer_norm",
             "scaled_dot_product_attention", "attention_weights", "sgd_step",
             "SGD", "Linear", "FeedForward", "default_device"} <= set(E.__all__)
+
+
+def test_attention_takes_arguments_in_pytorchs_order():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 5, 8).unbind(0)
+    mask = torch.rand(5, 5) > 0.3
+    mask[:, 0] = True
+    for args in [(None, 0.0, True), (mask, 0.0, False)]:
+        torch.testing.assert_close(
+            E.scaled_dot_product_attention(q, k, v, *args),
+            F.scaled_dot_product_attention(q, k, v, *args),
+            rtol=1e-5, atol=1e-6)

@@ -143,14 +143,13 @@ def attention_weights(q: Tensor, k: Tensor, attn_mask: Tensor | None = None,
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor,
                                  attn_mask: Tensor | None = None,
-                                 is_causal: bool = False,
                                  dropout_p: float = 0.0,
+                                 is_causal: bool = False,
                                  scale: float | None = None) -> Tensor:
     """softmax(q k^T / sqrt(E) + mask) v, like F.scaled_dot_product_attention.
 
-    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev).
-    Note the argument order: is_causal comes before dropout_p here, the
-    other way round from PyTorch's; pass both by keyword.
+    q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev). The
+    arguments come in PyTorch's order, so either can stand for the other.
     """
     _check_attention(q, k, v, attn_mask, is_causal)
     if not 0.0 <= dropout_p <= 1.0:
