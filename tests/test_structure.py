@@ -114,11 +114,14 @@ def test_pytest_collects_every_python_fence_and_nothing_else():
     expected = sum(len(book.python_fences(md.read_text()))
                    for md in all_markdown())
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "docs"],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "docs",
+         "code", "tests"],
         cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
-    items = [line for line in out.splitlines() if "::" in line]
-    assert items and all(".md::[CodeFence#" in line for line in items), \
-        "only Markdown fences may be collected under docs/:\n" + out[-2000:]
+    items = [line for line in out.splitlines() if "CodeFence#" in line]
+    assert items and all(line.startswith("docs/") and
+                         ".md::[CodeFence#" in line for line in items), (
+        "only chapters' fences may be collected, never docstrings of "
+        ".py files:\n" + out[-2000:])
     assert len(items) == expected, (
         f"pytest collected {len(items)} fences, the book's parser counts "
         f"{expected}:\n{out[-2000:]}")
