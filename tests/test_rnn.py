@@ -1,0 +1,402 @@
+"""The RNN chapter: cells and layers equal PyTorch's; BPTT, clipping, task."""
+
+import datetime
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from cave.classical.rnn import (DATE_FORMATS, GRU, LSTM, RESULTS, RNN,
+                                BahdanauAttention, CharLSTM, CharLSTMConfig,
+                                DateTask, GRUCell, LSTMCell, RNNCell,
+                                Seq2Seq, Seq2SeqConfig, Seq2SeqTrainConfig,
+                                Vocab, clip_grad_norm_,
+                                exact_match, format_date, rnn_backward,
+                                rnn_forward, seq2seq_loss, train_seq2seq)
+
+# float32; the same sums in a different order. Gradients through several
+# layers and steps accumulate a little more rounding.
+TOL = dict(atol=1e-5, rtol=1e-5)
+GRAD_TOL = dict(atol=5e-5, rtol=1e-4)
+PAIRS = {"RNN": (RNN, nn.RNN), "LSTM": (LSTM, nn.LSTM), "GRU": (GRU, nn.GRU)}
+CELLS = {"RNN": (RNNCell, nn.RNNCell), "LSTM": (LSTMCell, nn.LSTMCell),
+         "GRU": (GRUCell, nn.GRUCell)}
+
+
+def flat(state):
+    return torch.cat(state, -1) if isinstance(state, tuple) else state
+
+
+@pytest.mark.parametrize("kind", CELLS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cells_equal_torch_with_same_seed(kind, bias):
+    ours_cls, ref_cls = CELLS[kind]
+    torch.manual_seed(0)
+    ours = ours_cls(7, 5, bias=bias)
+    torch.manual_seed(0)
+    ref = ref_cls(7, 5, bias=bias)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)  # same draws, same order
+    x = torch.randn(3, 7)
+    h = torch.randn(3, 5)
+    state = (h, torch.randn(3, 5)) if kind == "LSTM" else h
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = flat(ours(x1, state)), flat(ref(x2, state))
+    torch.testing.assert_close(y1, y2, **TOL)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, **GRAD_TOL)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **GRAD_TOL)
+    # no state means zeros, as in PyTorch
+    torch.testing.assert_close(flat(ours(x)), flat(ref(x)), **TOL)
+
+
+def test_rnn_cell_relu():
+    torch.manual_seed(0)
+    ours = RNNCell(4, 6, nonlinearity="relu")
+    ref = nn.RNNCell(4, 6, nonlinearity="relu")
+    ref.load_state_dict(ours.state_dict())
+    x, h = torch.randn(2, 4), torch.randn(2, 6)
+    torch.testing.assert_close(ours(x, h), ref(x, h), **TOL)
+
+
+def run_reference(ref, x, lengths, hx, batch_first):
+    """PyTorch's layer on a packed batch, unpacked to the full length."""
+    if lengths is None:
+        return ref(x, hx)
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first,
+                                  enforce_sorted=False)
+    out, state = ref(packed, hx)
+    T = x.shape[1] if batch_first else x.shape[0]
+    out, _ = pad_packed_sequence(out, batch_first=batch_first,
+                                 total_length=T)
+    return out, state
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(sorted(PAIRS)), layers=st.integers(1, 3),
+       bidirectional=st.booleans(), bias=st.booleans(),
+       batch_first=st.booleans(), with_state=st.booleans(),
+       ragged=st.booleans(), B=st.integers(1, 4), T=st.integers(1, 6),
+       I=st.integers(1, 5), H=st.integers(1, 6), seed=st.integers(0, 99))
+def test_layers_equal_torch(kind, layers, bidirectional, bias, batch_first,
+                            with_state, ragged, B, T, I, H, seed):
+    """Outputs, final states and every gradient, for every option."""
+    ours_cls, ref_cls = PAIRS[kind]
+    kw = dict(num_layers=layers, bias=bias, batch_first=batch_first,
+              bidirectional=bidirectional)
+    torch.manual_seed(seed)
+    ours = ours_cls(I, H, **kw)
+    torch.manual_seed(seed)
+    ref = ref_cls(I, H, **kw)
+    for a, b in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])  # same seed
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), generator=g)
+    lengths = (torch.randint(1, T + 1, (B,), generator=g) if ragged
+               else None)
+    hx = None
+    if with_state:
+        LD = layers * (1 + bidirectional)
+        h0 = torch.randn(LD, B, H, generator=g)
+        hx = (h0, torch.randn(LD, B, H, generator=g)) if kind == "LSTM" \
+            else h0
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, s1 = ours(x1, hx, lengths=lengths)
+    out2, s2 = run_reference(ref, x2, lengths, hx, batch_first)
+    torch.testing.assert_close(out1, out2, **TOL)
+    s1 = s1 if isinstance(s1, tuple) else (s1,)
+    s2 = s2 if isinstance(s2, tuple) else (s2,)
+    for a, b in zip(s1, s2):
+        torch.testing.assert_close(a, b, **TOL)
+    w = torch.randn(out1.shape, generator=g)
+    loss1 = (out1 * w).sum() + sum(s.square().sum() for s in s1)
+    loss2 = (out2 * w).sum() + sum(s.square().sum() for s in s2)
+    loss1.backward()
+    loss2.backward()
+    torch.testing.assert_close(x1.grad, x2.grad, **GRAD_TOL)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **GRAD_TOL, msg=name)
+
+
+def test_padding_gives_zero_outputs_and_last_real_state():
+    torch.manual_seed(0)
+    lstm = LSTM(3, 4, num_layers=2)
+    x = torch.randn(2, 6, 3)
+    lengths = torch.tensor([6, 2])
+    out, (h, c) = lstm(x, lengths=lengths)
+    assert (out[1, 2:] == 0).all() and (out[1, :2] != 0).any()
+    short_out, (short_h, short_c) = lstm(x[1:, :2])  # the same, unpadded
+    torch.testing.assert_close(out[1, :2], short_out[0], **TOL)
+    torch.testing.assert_close(h[:, 1], short_h[:, 0], **TOL)
+    torch.testing.assert_close(c[:, 1], short_c[:, 0], **TOL)
+    # garbage in the padding changes nothing
+    x2 = x.clone()
+    x2[1, 2:] = 1e3
+    out2, (h2, _) = lstm(x2, lengths=lengths)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(h2, h)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_state_dicts_load_both_ways(kind):
+    ours_cls, ref_cls = PAIRS[kind]
+    torch.manual_seed(0)
+    ref = ref_cls(3, 5, num_layers=2, bidirectional=True, batch_first=True)
+    ours = ours_cls(3, 5, num_layers=2, bidirectional=True)
+    ours.load_state_dict(ref.state_dict())  # strict: same keys and shapes
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL)
+    torch.manual_seed(1)
+    ours2 = ours_cls(3, 5, num_layers=2, bidirectional=True)
+    ref.load_state_dict(ours2.state_dict())
+    torch.testing.assert_close(ours2(x)[0], ref(x)[0], **TOL)
+
+
+def test_dropout_between_layers_only_in_training():
+    torch.manual_seed(0)
+    gru = GRU(4, 8, num_layers=2, dropout=0.5)
+    x = torch.randn(3, 5, 4)
+    gru.eval()
+    first, _ = gru(x)
+    torch.testing.assert_close(gru(x)[0], first)  # deterministic in eval
+    gru.train()
+    assert not torch.allclose(gru(x)[0], first)  # random in training
+    single = GRU(4, 8, num_layers=1, dropout=0.5).train()
+    torch.testing.assert_close(single(x)[0], single(x)[0])  # none after last
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda m: m(torch.randn(2, 5, 3)), r"expected input size 4, got input "
+     r"of shape \(2, 5, 3\)"),
+    (lambda m: m(torch.randn(5, 4)), r"expected a 3-D input \(B, T, I\), "
+     r"got shape \(5, 4\)"),
+    (lambda m: m(torch.randn(2, 5, 4), (torch.zeros(1, 2, 6),) * 2),
+     r"expected a state of shape .* = \(2, 2, 6\), got \(1, 2, 6\)"),
+    (lambda m: m(torch.randn(2, 5, 4), torch.zeros(2, 2, 6)),
+     r"expected a state of 2 tensor\(s\), got 1"),
+    (lambda m: m(torch.randn(2, 5, 4), lengths=[5, 6]),
+     r"expected lengths in \[1, T=5\], got min 5, max 6"),
+    (lambda m: m(torch.randn(2, 5, 4), lengths=[0, 5]),
+     r"expected lengths in \[1, T=5\], got min 0, max 5"),
+    (lambda m: m(torch.randn(2, 5, 4), lengths=[5, 4, 3]),
+     r"expected lengths: B=2 integers, got .* shape \(3,\)"),
+    (lambda m: m(torch.randn(2, 5, 4), lengths=[5.0, 4.0]),
+     r"expected lengths: B=2 integers, got torch.float32"),
+])
+def test_layer_errors_name_expected_and_actual(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make(LSTM(4, 6, num_layers=2))
+
+
+def test_cell_errors_name_expected_and_actual():
+    with pytest.raises(ValueError, match=r"\(B, 4\), got \(3, 5\)"):
+        GRUCell(4, 6)(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"state of shape \(3, 6\), got "
+                       r"\(3, 7\)"):
+        RNNCell(4, 6)(torch.randn(3, 4), torch.randn(3, 7))
+    with pytest.raises(ValueError, match="nonlinearity"):
+        RNN(4, 6, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\]"):
+        LSTM(4, 6, dropout=1.5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 4), T=st.integers(1, 10), I=st.integers(1, 5),
+       H=st.integers(1, 6), seed=st.integers(0, 99))
+def test_bptt_by_hand_equals_autograd(B, T, I, H, seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64) for s in
+               [(B, T, I), (B, H), (H, I), (H, H), (H,)]]
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    hs = rnn_forward(*leaves)
+    grad_hs = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    (hs * grad_hs).sum().backward()
+    x, h0, w_ih, w_hh, _ = tensors
+    by_hand = rnn_backward(x, h0, hs.detach(), w_ih, w_hh, grad_hs)
+    for name, leaf in zip(["x", "h0", "w_ih", "w_hh", "b"], leaves):
+        torch.testing.assert_close(by_hand[name], leaf.grad, atol=1e-10,
+                                   rtol=1e-10)  # float64: exact up to order
+
+
+def test_rnn_forward_equals_rnn_layer():
+    torch.manual_seed(0)
+    layer = RNN(3, 4)
+    x, h0 = torch.randn(2, 5, 3), torch.randn(1, 2, 4)
+    b = layer.bias_ih_l0 + layer.bias_hh_l0
+    hs = rnn_forward(x, h0[0], layer.weight_ih_l0, layer.weight_hh_l0, b)
+    torch.testing.assert_close(hs, layer(x, h0)[0], **TOL)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+@pytest.mark.parametrize("max_norm", [0.5, 5.0])
+def test_clip_grad_norm_equals_torch(scale, max_norm):
+    torch.manual_seed(0)
+    a = [torch.randn(3, 4, requires_grad=True),
+         torch.randn(5, requires_grad=True)]
+    b = [t.detach().clone().requires_grad_() for t in a]
+    c = torch.randn(3, 4, requires_grad=True)  # no gradient: skipped
+    for params in (a, b):
+        (params[0].sum() * scale + params[1].square().sum() * scale
+         ).backward()
+    norm_a = clip_grad_norm_(a + [c], max_norm)
+    norm_b = torch.nn.utils.clip_grad_norm_(b + [c], max_norm)
+    torch.testing.assert_close(norm_a, norm_b)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.grad, q.grad)
+    after = torch.cat([p.grad.flatten() for p in a]).norm()
+    assert after <= max_norm * (1 + 1e-5)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        clip_grad_norm_(a, 0.0)
+
+
+def test_bahdanau_attention_masks_padding_and_sums_to_one():
+    torch.manual_seed(0)
+    att = BahdanauAttention(6, 8, 5)
+    values = torch.randn(3, 7, 8)
+    mask = torch.arange(7) < torch.tensor([7, 4, 1])[:, None]  # (3, 7)
+    context, w = att(torch.randn(3, 6), att.keys(values), values, mask)
+    assert context.shape == (3, 8) and w.shape == (3, 7)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+    assert (w[~mask] == 0).all()
+    torch.testing.assert_close(context, (w[..., None] * values).sum(1))
+    # the formula, written out: v^T tanh(W_q s + W_k h_j)
+    s = torch.randn(1, 6)
+    scores = torch.tanh(s @ att.w_q.weight.T + values[:1] @ att.w_k.weight.T
+                        + att.w_k.bias) @ att.v.weight.T  # (1, 7, 1)
+    everything = torch.ones(1, 7, dtype=torch.bool)
+    _, w1 = att(s, att.keys(values[:1]), values[:1], everything)
+    torch.testing.assert_close(w1, scores.squeeze(-1).softmax(-1))
+
+
+# ---- the dates task: the Transformer chapter depends on this API ----------
+
+def test_date_task_is_deterministic_and_disjoint():
+    a, b = DateTask(2000, 200, 300, seed=7), DateTask(2000, 200, 300, seed=7)
+    assert a.train == b.train and a.val == b.val and a.test == b.test
+    assert (len(a.train), len(a.val), len(a.test)) == (2000, 200, 300)
+    assert DateTask(2000, 200, 300, seed=8).test != a.test
+    dates = [{t for _, t in split} for split in (a.train, a.val, a.test)]
+    assert not dates[0] & dates[2] and not dates[0] & dates[1]
+    sources = [{s for s, _ in split} for split in (a.train, a.val, a.test)]
+    assert not sources[0] & sources[2]
+    state = torch.get_rng_state()
+    DateTask(100, 10, 10, seed=0)
+    assert torch.equal(state, torch.get_rng_state())  # global RNG untouched
+
+
+def test_date_task_targets_are_iso_and_sources_parse_back():
+    task = DateTask(500, 50, 50, seed=1)
+    for source, target in task.train + task.test:
+        date = datetime.date.fromisoformat(target)
+        assert source in {format_date(date, s) for s in DATE_FORMATS}
+    styles = {next(s for s in DATE_FORMATS
+                   if format_date(datetime.date.fromisoformat(t), s) == src)
+              for src, t in task.train}
+    assert styles == set(DATE_FORMATS)  # every style is used
+
+
+def test_date_styles_are_unambiguous():
+    """No source string may stand for two dates."""
+    seen = {}
+    for first in (datetime.date(1900, 1, 1), datetime.date(1999, 1, 1),
+                  datetime.date(2098, 1, 1)):  # every day of 9 years
+        for offset in range(3 * 366):
+            day = first + datetime.timedelta(days=offset)
+            for style in DATE_FORMATS:
+                text = format_date(day, style)
+                assert seen.setdefault(text, day) == day, (text, style)
+
+
+def test_date_task_tensors_and_batches():
+    task = DateTask(300, 20, 30, seed=0)
+    src, lengths, tgt = task.tensors("train")
+    assert src.shape[0] == lengths.shape[0] == tgt.shape[0] == 300
+    assert tgt.shape[1] == 12 and (tgt[:, 0] == Vocab.BOS).all()
+    assert (tgt[:, -1] == Vocab.EOS).all()
+    for row in range(5):
+        assert task.src_vocab.decode(src[row]) == task.train[row][0]
+        assert task.tgt_vocab.decode(tgt[row]) == task.train[row][1]
+        assert int(lengths[row]) == len(task.train[row][0])
+    seen = 0
+    for s, n, t in task.batches("train", 64,
+                                torch.Generator().manual_seed(0)):
+        assert s.shape[1] == int(n.max()) and len(s) == len(t) <= 64
+        seen += len(s)
+    assert seen == 300
+    with pytest.raises(ValueError, match="split must be"):
+        task.tensors("dev")
+    with pytest.raises(ValueError, match=r"n_val \+ n_test <= 73049 days"):
+        DateTask(80_000, 10, 10)
+
+
+def test_vocab_round_trip_and_errors():
+    vocab = Vocab("abc")
+    ids = vocab.encode("cab", bos=True, eos=True)
+    assert ids.tolist() == [1, 5, 3, 4, 2]
+    assert vocab.decode(ids) == "cab"
+    assert vocab.decode([5, 2, 3]) == "c"  # stops at <eos>
+    with pytest.raises(ValueError, match=r"\['z'\] of 'za' are not in"):
+        vocab.encode("za")
+    with pytest.raises(ValueError, match="repeat"):
+        Vocab("aa")
+
+
+def test_seq2seq_shapes_and_greedy_consistent_with_forward():
+    torch.manual_seed(0)
+    task = DateTask(64, 8, 8, seed=0)
+    model = Seq2Seq().eval()
+    src, lengths, tgt = task.tensors("train")
+    logits = model(src[:4], lengths[:4], tgt[:4, :-1])
+    assert logits.shape == (4, 11, len(task.tgt_vocab))
+    ids, weights = model.greedy(src[:4], lengths[:4])
+    assert ids.shape == (4, 11) and weights.shape == (4, 11, src.shape[1])
+    # teacher forcing on the greedy output reproduces the greedy choices
+    bos = torch.full((4, 1), Vocab.BOS)
+    forced = model(src[:4], lengths[:4], torch.cat([bos, ids[:, :-1]], 1))
+    assert torch.equal(forced.argmax(-1), ids)
+    with pytest.raises(ValueError, match=r"src \(B, S\) and src_lengths"):
+        model(src[:4], lengths[:3], tgt[:4, :-1])
+
+
+def test_seq2seq_learns_the_dates_task_a_little():
+    """A few seconds of training must beat the untrained loss clearly."""
+    torch.manual_seed(0)
+    task = DateTask(2000, 100, 100, seed=0)
+    model = Seq2Seq(Seq2SeqConfig(embed=16, hidden=32, attention=16))
+    config = Seq2SeqTrainConfig(batch_size=32, lr=1e-2)
+    losses = train_seq2seq(model, task, config, max_steps=40)
+    assert losses[-1] < 0.6 * losses[0]
+    src, lengths, tgt = task.tensors("val")
+    assert seq2seq_loss(model, src, lengths, tgt).item() < losses[0]
+    accuracy, outputs = exact_match(model, task, "val")
+    assert 0.0 <= accuracy <= 1.0 and len(outputs) == 100
+
+
+def test_char_lstm_generate():
+    torch.manual_seed(0)
+    lm = CharLSTM(CharLSTMConfig(vocab_size=11, embed=4, hidden=8))
+    logits, (h, c) = lm(torch.randint(0, 11, (2, 5)))
+    assert logits.shape == (2, 5, 11) and h.shape == (2, 2, 8)
+    a = lm.generate(torch.tensor([1, 2]), 20, 0.8,
+                    torch.Generator().manual_seed(0))
+    b = lm.generate(torch.tensor([1, 2]), 20, 0.8,
+                    torch.Generator().manual_seed(0))
+    assert a.shape == (20,) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        lm.generate(torch.tensor([1]), 3, 0.0)
+
+
+def test_recorded_full_run():
+    record = json.loads(RESULTS.read_text())
+    assert record["command"].startswith("python -m cave.classical.rnn")
+    assert record["seq2seq"]["test_exact_match"] >= 0.95
+    assert record["char_lstm"]["val_loss"] < 2.0
+    assert set(record["char_lstm"]["samples"]) == {"0.5", "0.8", "1.2"}
