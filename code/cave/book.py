@@ -395,13 +395,15 @@ class EarlierFenceFailed(RuntimeError):
 
 
 def _code_digest() -> str:
-    """A digest of the package's code and the torch it runs on."""
+    """A digest of the package (code, shipped data, recorded results) and
+    the torch it runs on: what a chapter's outputs depend on."""
     import torch
 
     digest = hashlib.sha256(torch.__version__.encode())
-    for module in sorted((CODE / "cave").rglob("*.py")):
-        digest.update(str(module.relative_to(CODE)).encode())
-        digest.update(module.read_bytes())
+    for path in sorted((CODE / "cave").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(CODE)).encode())
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:20]
 
 
