@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Lab: inside a training run
+# # Inside a training run
 #
 # The [LLaMA training chapter](../../transformers/llama_training/) trained
 # the model that ships with the book and recorded its run. This lab reads

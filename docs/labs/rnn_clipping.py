@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Break it: a recurrent network without gradient clipping
+# # Break the RNN: no gradient clipping
 #
 # The [recurrent networks chapter](../../classical/rnn/) measured how a
 # gradient travelling back through a vanilla RNN can grow by orders of
