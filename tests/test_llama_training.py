@@ -20,7 +20,7 @@ import torch
 from cave.transformers import llama_training as L
 from cave.transformers.llama import LlamaConfig
 
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import safetensors.torch as safetensors_torch  # noqa: E402  (a requirement)
 
 TINY_MODEL = LlamaConfig(vocab_size=65, dim=16, n_layers=1, n_heads=2,
                          n_kv_heads=1, max_seq_len=16, dropout=0.1)
