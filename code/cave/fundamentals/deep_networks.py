@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cave.fundamentals.data import mnist_split
+from cave.fundamentals.essentials import default_device
 
 
 class BatchNorm1d(nn.Module):
@@ -319,9 +320,8 @@ class History:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    """The device named, or else the essentials chapter's default."""
+    return torch.device(name) if name else default_device()
 
 
 def check_images(images: torch.Tensor, labels: torch.Tensor) -> None:
