@@ -479,14 +479,108 @@ def test_sgd_resumes_exactly_from_its_state_dict():
 
 
 # --------------------------------------------------------------------------
-# default_device, the public names
+# The shared helpers: pick_device, max_diff, seed_everything, eval_mode,
+# smooth; the public names
 # --------------------------------------------------------------------------
 
 
-def test_default_device():
-    device = E.default_device()
+def test_pick_device_defaults_to_the_best_device_and_checks_names():
+    device = E.pick_device()
     assert isinstance(device, torch.device)
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert E.pick_device("cpu") == torch.device("cpu")
+    assert E.pick_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"unknown device 'gpu'.*'cpu', "
+                                         r"'cuda' or 'cuda:N'"):
+        E.pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"'cuda' asked for, but this "
+                                             r"PyTorch sees no CUDA GPU"):
+            E.pick_device("cuda")
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=rf"sees {n} GPU"):
+            E.pick_device(f"cuda:{n}")
+
+
+def test_max_diff_is_exact_and_refuses_mismatched_shapes():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    assert E.max_diff(a, a) == 0.0
+    assert E.max_diff(a, torch.tensor([1.0, 2.5, 3.0])) == 0.5
+    assert E.max_diff(torch.zeros(0), torch.zeros(0)) == 0.0
+    # compared in float64: a bfloat16 and its float32 twin differ by the
+    # rounding, which the comparison must not hide
+    x = torch.tensor([1.0 + 2**-10])
+    assert E.max_diff(x, x.bfloat16()) == 2**-10
+    assert E.max_diff(torch.ones(2, requires_grad=True), [1.0, 1.0]) == 0.0
+    with pytest.raises(ValueError, match=r"one shape, got \(3,\) and "
+                                         r"\(3, 1\)"):
+        E.max_diff(a, a[:, None])
+
+
+def test_seed_everything_repeats_every_generator():
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(3)
+
+    gen = E.seed_everything(5)
+    first, g1 = draws(), torch.rand(2, generator=gen)
+    gen = E.seed_everything(5)
+    again, g2 = draws(), torch.rand(2, generator=gen)
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+    assert torch.equal(g1, g2)
+    for bad in (-1, 1.5, "0", True):
+        with pytest.raises(ValueError, match="non-negative int"):
+            E.seed_everything(bad)
+
+
+def test_eval_mode_restores_every_submodules_own_mode_even_on_errors():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5),
+                          nn.BatchNorm1d(2))
+    model.train()
+    model[2].eval()  # a frozen batch norm inside a training model
+    before = [m.training for m in model.modules()]
+    with E.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with E.eval_mode(model):
+            raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    with E.eval_mode(model):
+        pass
+    assert not model.training  # an evaluating model stays evaluating
+    with pytest.raises(TypeError, match="nn.Module arguments, got Tensor"):
+        with E.eval_mode(torch.zeros(1)):
+            pass
+
+
+def test_smooth_is_a_trailing_moving_average():
+    values = [float(v) for v in torch.randn(50, generator=torch.Generator()
+                                            .manual_seed(0))]
+    for window in (1, 3, 20, 100):
+        want = [sum(values[max(0, i + 1 - window):i + 1])
+                / len(values[max(0, i + 1 - window):i + 1])
+                for i in range(len(values))]
+        assert E.smooth(values, window) == pytest.approx(want, abs=1e-12)
+    assert E.smooth([], 5) == []
+    with pytest.raises(ValueError, match="positive int"):
+        E.smooth(values, 0)
+
+
+def test_linear_initialisation_equals_nn_linear_to_the_last_bit():
+    for dtype in (torch.float32, torch.float64):
+        for fan_in in [1, 2, 3, 5, 7, 10, 33, 100, 129, 257, 784, 1000]:
+            torch.manual_seed(fan_in)
+            ours = E.Linear(fan_in, 3, dtype=dtype)
+            torch.manual_seed(fan_in)
+            ref = nn.Linear(fan_in, 3, dtype=dtype)
+            assert torch.equal(ours.weight, ref.weight), (dtype, fan_in)
+            assert torch.equal(ours.bias, ref.bias), (dtype, fan_in)
 
 
 def test_every_exported_name_exists():
@@ -494,7 +588,8 @@ def test_every_exported_name_exists():
         assert hasattr(E, name), name
     assert {"softmax", "log_softmax", "cross_entropy", "layer_norm",
             "scaled_dot_product_attention", "attention_weights", "sgd_step",
-            "SGD", "Linear", "FeedForward", "default_device"} <= set(E.__all__)
+            "SGD", "Linear", "FeedForward", "pick_device", "max_diff",
+            "seed_everything", "eval_mode", "smooth"} <= set(E.__all__)
 
 
 def test_attention_takes_arguments_in_pytorchs_order():

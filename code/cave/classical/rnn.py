@@ -42,7 +42,7 @@ from torch import Tensor
 import cave
 from cave.fundamentals.data import shakespeare_split
 from cave.fundamentals.deep_networks import Adam, one_cycle_lr
-from cave.fundamentals.essentials import default_device
+from cave.fundamentals.essentials import pick_device
 
 RESULTS = Path(cave.__file__).resolve().parent / "_results" / "rnn.json"
 
@@ -892,7 +892,7 @@ TEMPERATURES = (0.5, 0.8, 1.2)  # samples recorded at each
 def full_run(device: str | None = None, char_steps: int | None = None
              ) -> dict:
     """Train both models for real; return what rnn.json records."""
-    device = torch.device(device) if device else default_device()
+    device = pick_device(device)
     record = {"torch": torch.__version__, "device": str(device),
               "threads": torch.get_num_threads(),
               "date": datetime.datetime.now().isoformat(timespec="seconds")}

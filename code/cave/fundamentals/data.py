@@ -11,6 +11,7 @@ DataLoader wrappers, and seeding for reproducible runs.
 
 import gzip
 import hashlib
+import json
 import math
 import os
 import random
@@ -23,9 +24,13 @@ import torch
 from torch.utils.data import Dataset
 
 import cave
+from cave.fundamentals.essentials import seed_everything
 
 # The files the book ships, as package data: code/cave/_data.
 DATA_DIR: Path = Path(cave.__file__).resolve().parent / "_data"
+# What the book's full runs recorded (results, a trained model), beside it:
+# code/cave/_results. `cave run CHAPTER --full` writes there.
+RESULTS_DIR: Path = Path(cave.__file__).resolve().parent / "_results"
 
 
 class DataError(ValueError):
@@ -33,6 +38,23 @@ class DataError(ValueError):
 
     Every message names the file, what was expected and what was found.
     """
+
+
+def load_results(name: str) -> dict:
+    """The record a chapter's full run left in RESULTS_DIR / name.json."""
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no recorded results named {name!r}; "
+                        f"`cave run {name} --full` records them")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: expected a JSON record, found invalid "
+                        f"JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: expected a JSON object, found a "
+                        f"{type(record).__name__}")
+    return record
 
 
 # The SHA-256 digest of every file the book ships.
@@ -341,24 +363,6 @@ class CharWindows(Dataset):
         x = self.ids[i:i + self.block_size]  # (T,)
         y = self.ids[i + 1:i + 1 + self.block_size]  # (T,)
         return x, y
-
-
-def seed_everything(seed: int, deterministic: bool = False
-                    ) -> torch.Generator:
-    """Seed Python, NumPy (if imported) and PyTorch; return a generator.
-
-    The returned generator, seeded with `seed`, is for a DataLoader's
-    shuffling. With `deterministic=True`, PyTorch also refuses operations
-    that have no deterministic implementation.
-    """
-    random.seed(seed)
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # the CPU generator and every GPU's
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    return torch.Generator().manual_seed(seed)
 
 
 def seed_worker(worker_id: int) -> None:

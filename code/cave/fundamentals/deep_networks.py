@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cave.fundamentals.data import mnist_split
-from cave.fundamentals.essentials import default_device
+from cave.fundamentals.essentials import pick_device
 
 
 class BatchNorm1d(nn.Module):
@@ -317,11 +317,6 @@ class History:
     seconds: list[float] = dataclasses.field(default_factory=list)
     best_epoch: int = -1  # 0-based epoch whose weights were kept
     best_val_acc: float = 0.0
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """The device named, or else the essentials chapter's default."""
-    return torch.device(name) if name else default_device()
 
 
 def check_images(images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -15,13 +15,24 @@ tests/test_essentials.py proves they agree:
     gelu, dropout                 F.gelu, F.dropout
     Linear, FeedForward           nn.Linear, the transformer MLP
     sgd_step, SGD                 torch.optim.SGD
-    default_device                "cuda" if there is one, else "cpu"
+
+and the small helpers every later chapter imports instead of writing again:
+
+    max_diff        how far apart two tensors are (every proof prints it)
+    seed_everything seed Python, NumPy and PyTorch at once
+    eval_mode       evaluation mode for a block, the old mode restored after
+    smooth          a moving average, for noisy loss curves
+    pick_device     the device asked for, or the best one there is
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +41,23 @@ __all__ = [
     "softmax", "log_softmax", "attention_weights",
     "scaled_dot_product_attention", "Linear", "layer_norm", "gelu",
     "FeedForward", "dropout", "cross_entropy", "sgd_step", "SGD",
-    "default_device",
+    "max_diff", "seed_everything", "eval_mode", "smooth", "pick_device",
 ]
+
+
+def max_diff(a, b) -> float:
+    """The largest absolute difference between two tensors, as a float.
+
+    Both are compared in float64 on the CPU, so that the comparison adds
+    no rounding of its own; their shapes must be equal.
+    """
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
+    if a.shape != b.shape:
+        raise ValueError(f"max_diff compares tensors of one shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    return (a.cpu().double() - b.cpu().double()).abs().max().item()
 
 
 class Linear(nn.Module):
@@ -47,10 +73,12 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         kw = {"device": device, "dtype": dtype}
         # kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + a^2)) = sqrt(1/3),
-        # bound sqrt(3) * gain / sqrt(in) = 1 / sqrt(in). Computed in
-        # nn.init's order so that even float64 draws match to the last bit.
+        # std gain / sqrt(in), bound sqrt(3) * std = 1 / sqrt(in). Computed
+        # in nn.init's order, std first, so that every float64 draw matches
+        # to the last bit (the bound rounds differently the other way).
         gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
-        w_bound = math.sqrt(3.0) * gain / math.sqrt(max(in_features, 1))
+        std = gain / math.sqrt(max(in_features, 1))
+        w_bound = math.sqrt(3.0) * std
         weight = torch.empty(out_features, in_features, **kw)  # (out, in)
         self.weight = nn.Parameter(weight.uniform_(-w_bound, w_bound))
         bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
@@ -333,6 +361,76 @@ class SGD:
         self.buffers = list(state["buffers"])
 
 
-def default_device() -> torch.device:
-    """The first CUDA GPU if PyTorch can see one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def seed_everything(seed: int, deterministic: bool = False
+                    ) -> torch.Generator:
+    """Seed Python, NumPy (if imported) and PyTorch; return a generator.
+
+    The returned generator, seeded with `seed`, is for a DataLoader's
+    shuffling. With `deterministic=True`, PyTorch also refuses operations
+    that have no deterministic implementation.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # the CPU generator and every GPU's
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Evaluation mode inside the block; every submodule's own mode after.
+
+    with eval_mode(model): ...   (any number of modules). The modes are
+    restored even when the block raises.
+    """
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"eval_mode expects nn.Module arguments, got "
+                            f"{type(m).__name__}")
+    saved = [(sub, sub.training) for m in modules for sub in m.modules()]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for sub, training in saved:
+            sub.training = training
+
+
+def smooth(values: Sequence[float], window: int = 20) -> list[float]:
+    """Moving average over the last `window` values (fewer at the start)."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)  # (N,)
+    sums = torch.cat([v.new_zeros(1), v.cumsum(0)])  # (N + 1,) prefix sums
+    end = torch.arange(1, len(v) + 1)  # (N,): each window ends here
+    start = (end - window).clamp(min=0)  # (N,)
+    return ((sums[end] - sums[start]) / (end - start)).tolist()
+
+
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """The device named ("cpu", "cuda", "cuda:1", ...), checked; with no
+    name, the first CUDA GPU if PyTorch can see one, else the CPU."""
+    if name is None or name == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}: expected 'cpu', "
+                         f"'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() \
+            else 0
+        if count == 0:
+            raise ValueError(f"device {name!r} asked for, but this PyTorch "
+                             f"sees no CUDA GPU; use 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} asked for, but this PyTorch "
+                             f"sees {count} GPU(s): cuda:0 to "
+                             f"cuda:{count - 1}")
+    return device

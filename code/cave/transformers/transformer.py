@@ -42,7 +42,7 @@ import cave
 from cave.classical.rnn import DateTask, Vocab
 from cave.fundamentals.deep_networks import Adam
 from cave.fundamentals.essentials import (attention_weights, cross_entropy,
-                                          default_device, layer_norm,
+                                          pick_device, layer_norm,
                                           scaled_dot_product_attention)
 
 RESULTS = (Path(cave.__file__).resolve().parent / "_results" /
@@ -599,7 +599,7 @@ def beam_search(model: Transformer, src: Tensor, beam_width: int = 4,
 def full_run(device: str | None = None) -> dict:
     """Train the default model for real; return what transformer.json
     records."""
-    device = torch.device(device) if device else default_device()
+    device = pick_device(device)
     task = DateTask(seed=0)
     torch.manual_seed(0)
     model = Transformer().to(device)
