@@ -2,18 +2,19 @@
 
     cave train   train the LLaMA of docs/transformers/llama_training.md
     cave sample  sample from a checkpoint (the shipped one by default)
-    cave bench   the chapter's speed benchmark
+    cave bench   the LLaMA chapter's speed benchmark
+    cave run     run a chapter's page, or its full run (--full)
 
-The commands live in their chapter's module; this file only dispatches.
+The commands live in cave/cli.py; this file only dispatches.
 """
 
 import sys
 
 
 def main(argv=None) -> int:
-    from cave.transformers.llama_training import main as chapter_main
+    from cave.cli import main as cli_main
 
-    return chapter_main(argv)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Inside a training run
 #
-# The [LLaMA training chapter](../../transformers/llama_training/) trained
+# The [LLaMA training chapter](../transformers/llama_training.md) trained
 # the model that ships with the book and recorded its run. This lab reads
 # that record: the loss curves, and what the model wrote at each
 # validation. Then it runs one ablation of its own: **RMSNorm against
@@ -9,18 +9,19 @@
 # the same batches, differing only in its normalisation.
 
 # %%
-import json
 import time
 
 import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from cave.fundamentals.data import Batches, load_results, shakespeare_split
+from cave.fundamentals.essentials import smooth
 from cave.transformers.llama import Llama, LlamaConfig, RMSNorm
 from cave.transformers import llama_training as T
 
 lab_start = time.perf_counter()
-run = json.loads(T.RESULTS.read_text())["shakespeare"]
+run = load_results("llama_training")["shakespeare"]
 print(run["command"])
 print(f"final validation loss {run['val_loss']:.4f} after "
       f"{run['tokens']:,} tokens")
@@ -77,7 +78,7 @@ def with_layernorm(model: Llama) -> Llama:
 
 
 def ablation_run(layernorm: bool, steps: int = 80):
-    tokenizer, train_ids, val_ids = T.shakespeare_split()
+    tokenizer, train_ids, val_ids = shakespeare_split()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, dim=64,
                          n_layers=2, n_heads=4, n_kv_heads=2,
@@ -88,7 +89,7 @@ def ablation_run(layernorm: bool, steps: int = 80):
     tc = T.TrainConfig(batch_size=16, block_size=64, max_steps=steps,
                        warmup_steps=10, lr=4e-3, min_lr=4e-4)
     optimizer = T.make_optimizer(model, tc)
-    batches = T.Batches(train_ids, tc.batch_size, tc.block_size, seed=0)
+    batches = Batches(train_ids, tc.batch_size, tc.block_size, seed=0)
     curve = []
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -116,8 +117,7 @@ for name, layernorm in [("RMSNorm", False), ("LayerNorm", True)]:
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.4))
 for name, (curve, val) in results.items():
-    smooth = torch.tensor(curve).unfold(0, 10, 1).mean(1)  # running mean
-    ax.plot(smooth.tolist(), label=f"{name} (val {val:.3f})")
+    ax.plot(smooth(curve, window=10), label=f"{name} (val {val:.3f})")
 ax.set_xlabel("step")
 ax.set_ylabel("training loss, mean of 10 steps")
 ax.legend()
