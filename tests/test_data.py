@@ -452,37 +452,210 @@ def test_shakespeare_split():
     assert tok.decode(val[-20:]) == text[-20:]
 
 
-def test_char_windows():
+def test_batches_are_shifted_windows_of_the_text():
     ids = torch.arange(20)
-    ds = D.CharWindows(ids, block_size=8)
-    assert len(ds) == 12
-    for i in (0, 5, 11, -1):
-        x, y = ds[i]
-        j = i % len(ds)
-        assert x.shape == y.shape == (8,)
-        assert torch.equal(x, torch.arange(j, j + 8))
-        assert torch.equal(y, x + 1)
-    with pytest.raises(IndexError):
-        ds[12]
-    loader = DataLoader(ds, batch_size=5, shuffle=False)
-    xb, yb = next(iter(loader))
-    assert xb.shape == yb.shape == (5, 8)
-    assert torch.equal(xb[:, 1:], yb[:, :-1])
-    assert len(D.CharWindows(torch.arange(9), block_size=8)) == 1
+    batches = D.Batches(ids, batch_size=50, block_size=8, seed=0)
+    x, y = batches.next()
+    assert x.shape == y.shape == (50, 8)
+    assert torch.equal(y, x + 1)  # the targets: one id on
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # contiguous windows
+    starts = x[:, 0]
+    assert starts.min() >= 0 and starts.max() <= 20 - 8 - 1
+    assert len(set(starts.tolist())) > 5  # random starts, not one
+    assert len(D.Batches(torch.arange(9), 1, 8).next()[0][0]) == 8
 
 
-def test_char_windows_too_short():
-    with pytest.raises(D.DataError, match="= 9 ids, found 8"):
-        D.CharWindows(torch.arange(8), block_size=8)
-    with pytest.raises(ValueError, match="1-D"):
-        D.CharWindows(torch.zeros(4, 4, dtype=torch.long), block_size=2)
+def test_batches_resume_exactly_through_json_and_ignore_the_global_rng():
+    import json
+
+    _, ids, _ = D.shakespeare_split()
+    a = D.Batches(ids[:20_000], 5, 16, seed=3)
+    a.next()
+    state = json.loads(json.dumps(a.state_dict()))  # through JSON
+    b = D.Batches(ids[:20_000], 5, 16, seed=99)
+    b.load_state_dict(state)
+    for _ in range(3):
+        torch.rand(7)  # global draws do not move the sampler
+        for u, v in zip(a.next(), b.next()):
+            assert torch.equal(u, v)
+    assert a.drawn == b.drawn == 4
 
 
-def test_char_windows_on_shakespeare():
+def test_batches_on_shakespeare_decode_to_the_text():
     tok, train, _ = D.shakespeare_split()
-    ds = D.CharWindows(train, block_size=32)
-    assert len(ds) == len(train) - 32
-    x, y = ds[1000]
+    x, y = D.Batches(train, 4, 32, seed=0).next()
     text = shakespeare()
-    assert tok.decode(x) == text[1000:1032]
-    assert tok.decode(y) == text[1001:1033]
+    for row_x, row_y in zip(x, y):
+        window = tok.decode(row_x)
+        start = text.find(window)
+        assert start >= 0 and tok.decode(row_y) == \
+            text[start + 1:start + 33]
+
+
+def test_batches_refuse_bad_input_and_bad_states():
+    with pytest.raises(D.DataError, match="= 9 ids, found 8"):
+        D.Batches(torch.arange(8), 1, block_size=8)
+    with pytest.raises(ValueError, match="1-D"):
+        D.Batches(torch.zeros(4, 4, dtype=torch.long), 1, block_size=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        D.Batches(torch.arange(9), 0, block_size=2)
+    b = D.Batches(torch.arange(100), 2, 4, seed=0)
+    before = b.state_dict()
+    for bad in [{}, {"generator": "!!!", "drawn": 1},
+                {"generator": "AAAA", "drawn": 1},
+                {**before, "drawn": -1}, {**before, "drawn": "3"}]:
+        with pytest.raises(ValueError, match="expected"):
+            b.load_state_dict(bad)
+    assert b.state_dict() == before  # nothing changed
+
+
+def test_validation_windows_predict_every_id_once():
+    ids = torch.arange(101)
+    w = D.validation_windows(ids, 10)  # (10, 11)
+    assert w.shape == (10, 11)
+    targets = w[:, 1:].flatten()
+    assert torch.equal(targets, torch.arange(1, 101))
+    few = D.validation_windows(ids, 10, max_windows=3)
+    # linspace(0, 9, 3) = 0, 4.5, 9; 4.5 rounds to even: windows 0, 4, 9
+    assert torch.equal(few[:, 0], torch.tensor([0, 40, 90]))
+    assert D.validation_windows(ids, 10, max_windows=50).shape == (10, 11)
+    with pytest.raises(D.DataError, match="= 11 ids, found 10"):
+        D.validation_windows(torch.arange(10), 10)
+
+
+# ---- the dates task: the RNN and Transformer chapters depend on this API ---
+
+import datetime  # noqa: E402  (the dates task's tests, kept together)
+
+from cave.fundamentals.data import (DATE_FORMATS, DateTask,  # noqa: E402
+                                    Vocab, format_date, pad_batch)
+
+
+def test_date_task_is_deterministic_and_disjoint():
+    a, b = DateTask(2000, 200, 300, seed=7), DateTask(2000, 200, 300, seed=7)
+    assert a.train == b.train and a.val == b.val and a.test == b.test
+    assert (len(a.train), len(a.val), len(a.test)) == (2000, 200, 300)
+    assert DateTask(2000, 200, 300, seed=8).test != a.test
+    dates = [{t for _, t in split} for split in (a.train, a.val, a.test)]
+    assert not dates[0] & dates[2] and not dates[0] & dates[1]
+    sources = [{s for s, _ in split} for split in (a.train, a.val, a.test)]
+    assert not sources[0] & sources[2]
+    state = torch.get_rng_state()
+    DateTask(100, 10, 10, seed=0)
+    assert torch.equal(state, torch.get_rng_state())  # global RNG untouched
+
+
+def test_date_task_targets_are_iso_and_sources_parse_back():
+    task = DateTask(500, 50, 50, seed=1)
+    for source, target in task.train + task.test:
+        date = datetime.date.fromisoformat(target)
+        assert source in {format_date(date, s) for s in DATE_FORMATS}
+    styles = {next(s for s in DATE_FORMATS
+                   if format_date(datetime.date.fromisoformat(t), s) == src)
+              for src, t in task.train}
+    assert styles == set(DATE_FORMATS)  # every style is used
+
+
+def test_date_styles_are_unambiguous():
+    """No source string may stand for two dates."""
+    seen = {}
+    for first in (datetime.date(1900, 1, 1), datetime.date(1999, 1, 1),
+                  datetime.date(2098, 1, 1)):  # every day of 9 years
+        for offset in range(3 * 366):
+            day = first + datetime.timedelta(days=offset)
+            for style in DATE_FORMATS:
+                text = format_date(day, style)
+                assert seen.setdefault(text, day) == day, (text, style)
+
+
+def test_date_task_tensors_and_batches():
+    task = DateTask(300, 20, 30, seed=0)
+    src, lengths, tgt = task.tensors("train")
+    assert src.shape[0] == lengths.shape[0] == tgt.shape[0] == 300
+    assert tgt.shape[1] == 12 and (tgt[:, 0] == Vocab.BOS).all()
+    assert (tgt[:, -1] == Vocab.EOS).all()
+    for row in range(5):
+        assert task.src_vocab.decode(src[row]) == task.train[row][0]
+        assert task.tgt_vocab.decode(tgt[row]) == task.train[row][1]
+        assert int(lengths[row]) == len(task.train[row][0])
+    seen = 0
+    for s, n, t in task.batches("train", 64,
+                                torch.Generator().manual_seed(0)):
+        assert s.shape[1] == int(n.max()) and len(s) == len(t) <= 64
+        seen += len(s)
+    assert seen == 300
+    with pytest.raises(ValueError, match="split must be"):
+        task.tensors("dev")
+    with pytest.raises(ValueError, match=r"n_val \+ n_test <= 73049 days"):
+        DateTask(80_000, 10, 10)
+
+
+def test_vocab_round_trip_and_errors():
+    vocab = Vocab("abc")
+    ids = vocab.encode("cab", bos=True, eos=True)
+    assert ids.tolist() == [1, 5, 3, 4, 2]
+    assert vocab.decode(ids) == "cab"
+    assert vocab.decode([5, 2, 3]) == "c"  # stops at <eos>
+    with pytest.raises(ValueError, match=r"\['z'\] of 'za' are not in"):
+        vocab.encode("za")
+    with pytest.raises(ValueError, match="repeat"):
+        Vocab("aa")
+
+
+def test_pad_batch():
+    padded, lengths = pad_batch([torch.tensor([5, 6, 7]), torch.tensor([8])])
+    assert padded.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert lengths.tolist() == [3, 1]
+
+
+def answer_key(task, split):
+    """A decoder that is always right: it looks the answer up."""
+    answers = dict(task.split(split))
+
+    def decode(src, lengths):
+        assert src.shape[0] == lengths.shape[0] and src.ndim == 2
+        return torch.stack([task.tgt_vocab.encode(
+            answers[task.src_vocab.decode(row)], eos=True) for row in src])
+    return decode
+
+
+def test_exact_match_counts_exact_strings_in_order():
+    task = DateTask(300, 40, 50, seed=3)
+    score, outputs = task.exact_match(answer_key(task, "val"), "val",
+                                      batch_size=7)
+    assert score == 1.0 and outputs == [t for _, t in task.val]
+    key = answer_key(task, "test")
+
+    def every_other_wrong(src, lengths):  # one digit off on even rows
+        ids = key(src, lengths).clone()  # (B, 11)
+        ids[::2, 1] = torch.where(ids[::2, 1] == task.tgt_vocab.stoi["9"],
+                                  task.tgt_vocab.stoi["8"],
+                                  task.tgt_vocab.stoi["9"])
+        return ids
+    score, outputs = task.exact_match(every_other_wrong, "test",
+                                      batch_size=50)
+    assert score == 0.5 and len(outputs) == 50
+    assert all(o != t for o, (_, t) in zip(outputs[::2], task.test[::2]))
+
+    # <eos> ends an output; what follows it (and <pad>) is ignored
+    def with_tail(src, lengths):
+        ids = key(src, lengths)
+        return torch.cat([ids, torch.full((len(ids), 3), 5)], dim=1)
+    assert task.exact_match(with_tail, "test")[0] == 1.0
+
+
+def test_exact_match_moves_batches_and_checks_the_decoder():
+    task = DateTask(30, 10, 10, seed=0)
+    seen = []
+
+    def spy(src, lengths):
+        seen.append((src.device, src.dtype, lengths.shape))
+        return torch.zeros(len(src), 11, dtype=torch.long)
+    task.exact_match(spy, "val", batch_size=4, device="cpu")
+    assert [s[2] for s in seen] == [(4,), (4,), (2,)]
+    with pytest.raises(ValueError, match=r"\(B=10, T\), got \(10,\)"):
+        task.exact_match(lambda s, n: torch.zeros(len(s)), "val")
+    with pytest.raises(ValueError, match=r"\(B=10, T\), got \(3, 11\)"):
+        task.exact_match(lambda s, n: torch.zeros(3, 11), "val")
+    with pytest.raises(ValueError, match="split must be"):
+        task.exact_match(spy, "dev")

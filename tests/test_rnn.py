@@ -1,7 +1,9 @@
-"""The RNN chapter: cells and layers equal PyTorch's; BPTT, clipping, task."""
+"""The RNN chapter: cells and layers equal PyTorch's in every dtype; BPTT,
+clipping, seq2seq, the char LSTM, the full run's interface.
 
-import datetime
-import json
+The dates task itself is the data chapter's: tests/test_data.py."""
+
+import math
 
 import pytest
 import torch
@@ -10,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from cave.classical.rnn import (DATE_FORMATS, GRU, LSTM, RESULTS, RNN,
-                                BahdanauAttention, CharLSTM, CharLSTMConfig,
-                                DateTask, GRUCell, LSTMCell, RNNCell,
-                                Seq2Seq, Seq2SeqConfig, Seq2SeqTrainConfig,
-                                Vocab, clip_grad_norm_,
-                                exact_match, format_date, rnn_backward,
+from cave.classical.rnn import (GRU, LSTM, RNN, BahdanauAttention, CharLSTM,
+                                CharLSTMConfig, CharTrainConfig, GRUCell,
+                                LSTMCell, RNNCell, Seq2Seq, Seq2SeqConfig,
+                                Seq2SeqTrainConfig, clip_grad_norm_,
+                                full_run, rnn_backward,
                                 rnn_forward, seq2seq_loss, train_seq2seq)
+from cave.fundamentals.checkpoints import override_configs
+from cave.fundamentals.data import DateTask, Vocab, load_results
 
 # float32; the same sums in a different order. Gradients through several
 # layers and steps accumulate a little more rounding.
@@ -257,6 +260,190 @@ def test_clip_grad_norm_equals_torch(scale, max_norm):
         clip_grad_norm_(a, 0.0)
 
 
+def gradients(seed, dtype=torch.float32):
+    """Three tensors with gradients of very different sizes, and one
+    without a gradient; twice, as independent copies."""
+    g = torch.Generator().manual_seed(seed)
+    shapes, scales = [(3, 4), (5,), (2, 2, 2)], [30.0, 0.1, 4.0]
+    ours = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
+    for p, scale in zip(ours, scales):
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(dtype)
+    ours.append(torch.zeros(3, dtype=dtype, requires_grad=True))  # no grad
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    for p, q in zip(ours, theirs):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("form", ["list", "generator", "one tensor"])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, math.inf])
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("max_norm", [0.5, 1e4])
+def test_clip_grad_norm_every_form_equals_torch(form, norm_type, foreach,
+                                                max_norm):
+    ours, theirs = gradients(0)
+    if form == "one tensor":  # a tensor is iterable too: over its rows
+        ours, theirs = ours[0], theirs[0]
+        arg_ours, arg_theirs = ours, theirs
+    elif form == "generator":  # read once: model.parameters() is one
+        arg_ours, arg_theirs = (p for p in ours), (p for p in theirs)
+    else:
+        arg_ours, arg_theirs = ours, theirs
+    norm_a = clip_grad_norm_(arg_ours, max_norm, norm_type, foreach=foreach)
+    norm_b = torch.nn.utils.clip_grad_norm_(arg_theirs, max_norm, norm_type,
+                                            foreach=foreach)
+    torch.testing.assert_close(norm_a, norm_b)
+    pairs = [(ours, theirs)] if form == "one tensor" else zip(ours, theirs)
+    for p, q in pairs:
+        if q.grad is None:
+            assert p.grad is None  # no gradient appears from nowhere
+        else:
+            torch.testing.assert_close(p.grad, q.grad)
+    if max_norm < 1:  # something was clipped, in every form
+        assert norm_a > max_norm
+
+
+def test_clip_grad_norm_one_tensor_really_clips():
+    """The bug: one tensor was read as its rows, none has a .grad, and
+    nothing was clipped (the norm came back 0)."""
+    w = torch.zeros(4, 3, requires_grad=True)
+    w.grad = torch.full((4, 3), 10.0)
+    norm = clip_grad_norm_(w, 1.0)
+    assert math.isclose(norm.item(), math.sqrt(12) * 10, rel_tol=1e-6)
+    assert math.isclose(w.grad.norm().item(), 1.0, rel_tol=1e-5)
+
+
+def test_clip_grad_norm_empty_and_without_gradients():
+    for params in ([], [torch.zeros(3, requires_grad=True)],
+                   torch.zeros(3, requires_grad=True)):
+        ours = clip_grad_norm_(params, 1.0)
+        ref = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.testing.assert_close(ours, ref)  # tensor(0.)
+        assert ours.item() == 0.0
+
+
+def test_clip_grad_norm_in_float64_and_bfloat16():
+    for dtype in (torch.float64, torch.bfloat16):
+        ours, theirs = gradients(1, dtype)
+        norm_a = clip_grad_norm_(ours, 1.0)
+        norm_b = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        assert norm_a.dtype == norm_b.dtype == dtype
+        torch.testing.assert_close(norm_a, norm_b)
+        for p, q in zip(ours[:3], theirs[:3]):
+            assert p.grad.dtype == dtype
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_clip_grad_norm_non_finite():
+    ours, theirs = gradients(2)
+    ours[1].grad[0] = theirs[1].grad[0] = float("inf")
+    with pytest.raises(RuntimeError, match="expected a finite number"):
+        clip_grad_norm_(ours, 1.0, error_if_nonfinite=True)
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_norm_(theirs, 1.0, error_if_nonfinite=True)
+    norm_a = clip_grad_norm_(ours, 1.0)  # scales by max_norm / inf = 0
+    norm_b = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert norm_a.item() == norm_b.item() == math.inf
+    for p, q in zip(ours[:3], theirs[:3]):
+        torch.testing.assert_close(p.grad, q.grad, equal_nan=True)
+
+
+# ---- dtypes: every layer with a PyTorch twin works in every dtype it does --
+
+def twin(kind: str, cell: bool, dtype, **kw):
+    """Ours and PyTorch's, same seed, then converted with .to(dtype)."""
+    ours_cls, ref_cls = (CELLS if cell else PAIRS)[kind]
+    torch.manual_seed(0)
+    ours = ours_cls(4, 6, **kw).to(dtype)
+    torch.manual_seed(0)
+    ref = ref_cls(4, 6, **({} if cell else {"batch_first": True}), **kw)
+    return ours, ref.to(dtype)
+
+
+@pytest.mark.parametrize("kind", CELLS)
+def test_cells_equal_torch_in_float64(kind):
+    """float64 end to end: agreement to ~1e-12, not float32's 1e-5."""
+    ours, ref = twin(kind, cell=True, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    h = torch.randn(3, 6, dtype=torch.float64)
+    state = (h, h.flip(0)) if kind == "LSTM" else h
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = flat(ours(x1, state)), flat(ref(x2, state))
+    assert y1.dtype == torch.float64
+    torch.testing.assert_close(y1, y2, atol=1e-12, rtol=1e-12)
+    (y1.square().sum()).backward()
+    (y2.square().sum()).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-12, rtol=1e-12)
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+@pytest.mark.parametrize("ragged", [False, True])
+def test_layers_equal_torch_in_float64(kind, ragged):
+    ours, ref = twin(kind, cell=False, dtype=torch.float64, num_layers=2,
+                     bidirectional=True)
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4]) if ragged else None
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, s1 = ours(x1, lengths=lengths)
+    out2, s2 = run_reference(ref, x2, lengths, None, batch_first=True)
+    assert out1.dtype == torch.float64
+    torch.testing.assert_close(out1, out2, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(flat(s1), flat(s2), atol=1e-12, rtol=1e-12)
+    out1.square().sum().backward()
+    out2.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-12, rtol=1e-12)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-12, rtol=1e-12,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+def test_float64_built_directly_matches_torch_draws(kind):
+    """dtype=torch.float64 at construction draws the same numbers as
+    PyTorch's layer built the same way."""
+    ours_cls, ref_cls = PAIRS[kind]
+    torch.manual_seed(3)
+    ours = ours_cls(4, 6, num_layers=2, dtype=torch.float64)
+    torch.manual_seed(3)
+    ref = ref_cls(4, 6, num_layers=2, batch_first=True, dtype=torch.float64)
+    for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+@pytest.mark.parametrize("cell", [False, True])
+def test_bfloat16_runs_and_stays_near_float64(kind, cell):
+    """bfloat16 has 8 bits of mantissa: ours and PyTorch's each stay
+    within a few bf16 steps of the float64 answer, forward and backward."""
+    kw = {} if cell else {"num_layers": 2}
+    ours, ref = twin(kind, cell, torch.bfloat16, **kw)
+    exact, _ = twin(kind, cell, torch.float64, **kw)
+    exact.load_state_dict({k: v.double() for k, v in
+                           ours.state_dict().items()})
+    x = torch.randn((3, 4) if cell else (3, 5, 4)).bfloat16()
+    results = []
+    for model in (ours, ref, exact):
+        dtype = next(model.parameters()).dtype
+        xi = x.clone().to(dtype).requires_grad_()  # a leaf of its own
+        y = flat(model(xi)) if cell else model(xi)[0]
+        y.float().square().sum().backward()
+        results.append((y.double(), xi.grad.double()))
+    (y_ours, g_ours), (y_ref, g_ref), (y_exact, g_exact) = results
+    assert y_ours.shape == y_exact.shape
+    for y, g in ((y_ours, g_ours), (y_ref, g_ref)):
+        torch.testing.assert_close(y, y_exact, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(g, g_exact, atol=0.1, rtol=0.1)
+    assert all(p.grad.dtype == torch.bfloat16 for p in ours.parameters())
+
+
+def test_rnn_relu_and_dtype_of_default_state():
+    layer = RNN(4, 6, nonlinearity="relu").double()
+    out, h = layer(torch.randn(2, 3, 4, dtype=torch.float64))
+    assert out.dtype == h.dtype == torch.float64  # zeros made like x
+
+
 def test_bahdanau_attention_masks_padding_and_sums_to_one():
     torch.manual_seed(0)
     att = BahdanauAttention(6, 8, 5)
@@ -274,79 +461,6 @@ def test_bahdanau_attention_masks_padding_and_sums_to_one():
     everything = torch.ones(1, 7, dtype=torch.bool)
     _, w1 = att(s, att.keys(values[:1]), values[:1], everything)
     torch.testing.assert_close(w1, scores.squeeze(-1).softmax(-1))
-
-
-# ---- the dates task: the Transformer chapter depends on this API ----------
-
-def test_date_task_is_deterministic_and_disjoint():
-    a, b = DateTask(2000, 200, 300, seed=7), DateTask(2000, 200, 300, seed=7)
-    assert a.train == b.train and a.val == b.val and a.test == b.test
-    assert (len(a.train), len(a.val), len(a.test)) == (2000, 200, 300)
-    assert DateTask(2000, 200, 300, seed=8).test != a.test
-    dates = [{t for _, t in split} for split in (a.train, a.val, a.test)]
-    assert not dates[0] & dates[2] and not dates[0] & dates[1]
-    sources = [{s for s, _ in split} for split in (a.train, a.val, a.test)]
-    assert not sources[0] & sources[2]
-    state = torch.get_rng_state()
-    DateTask(100, 10, 10, seed=0)
-    assert torch.equal(state, torch.get_rng_state())  # global RNG untouched
-
-
-def test_date_task_targets_are_iso_and_sources_parse_back():
-    task = DateTask(500, 50, 50, seed=1)
-    for source, target in task.train + task.test:
-        date = datetime.date.fromisoformat(target)
-        assert source in {format_date(date, s) for s in DATE_FORMATS}
-    styles = {next(s for s in DATE_FORMATS
-                   if format_date(datetime.date.fromisoformat(t), s) == src)
-              for src, t in task.train}
-    assert styles == set(DATE_FORMATS)  # every style is used
-
-
-def test_date_styles_are_unambiguous():
-    """No source string may stand for two dates."""
-    seen = {}
-    for first in (datetime.date(1900, 1, 1), datetime.date(1999, 1, 1),
-                  datetime.date(2098, 1, 1)):  # every day of 9 years
-        for offset in range(3 * 366):
-            day = first + datetime.timedelta(days=offset)
-            for style in DATE_FORMATS:
-                text = format_date(day, style)
-                assert seen.setdefault(text, day) == day, (text, style)
-
-
-def test_date_task_tensors_and_batches():
-    task = DateTask(300, 20, 30, seed=0)
-    src, lengths, tgt = task.tensors("train")
-    assert src.shape[0] == lengths.shape[0] == tgt.shape[0] == 300
-    assert tgt.shape[1] == 12 and (tgt[:, 0] == Vocab.BOS).all()
-    assert (tgt[:, -1] == Vocab.EOS).all()
-    for row in range(5):
-        assert task.src_vocab.decode(src[row]) == task.train[row][0]
-        assert task.tgt_vocab.decode(tgt[row]) == task.train[row][1]
-        assert int(lengths[row]) == len(task.train[row][0])
-    seen = 0
-    for s, n, t in task.batches("train", 64,
-                                torch.Generator().manual_seed(0)):
-        assert s.shape[1] == int(n.max()) and len(s) == len(t) <= 64
-        seen += len(s)
-    assert seen == 300
-    with pytest.raises(ValueError, match="split must be"):
-        task.tensors("dev")
-    with pytest.raises(ValueError, match=r"n_val \+ n_test <= 73049 days"):
-        DateTask(80_000, 10, 10)
-
-
-def test_vocab_round_trip_and_errors():
-    vocab = Vocab("abc")
-    ids = vocab.encode("cab", bos=True, eos=True)
-    assert ids.tolist() == [1, 5, 3, 4, 2]
-    assert vocab.decode(ids) == "cab"
-    assert vocab.decode([5, 2, 3]) == "c"  # stops at <eos>
-    with pytest.raises(ValueError, match=r"\['z'\] of 'za' are not in"):
-        vocab.encode("za")
-    with pytest.raises(ValueError, match="repeat"):
-        Vocab("aa")
 
 
 def test_seq2seq_shapes_and_greedy_consistent_with_forward():
@@ -376,8 +490,11 @@ def test_seq2seq_learns_the_dates_task_a_little():
     assert losses[-1] < 0.6 * losses[0]
     src, lengths, tgt = task.tensors("val")
     assert seq2seq_loss(model, src, lengths, tgt).item() < losses[0]
-    accuracy, outputs = exact_match(model, task, "val")
+    model.train()
+    accuracy, outputs = task.exact_match(
+        lambda s, n: model.greedy(s, n)[0], "val")
     assert 0.0 <= accuracy <= 1.0 and len(outputs) == 100
+    assert model.training  # greedy's eval mode did not leak out
 
 
 def test_char_lstm_generate():
@@ -395,8 +512,36 @@ def test_char_lstm_generate():
 
 
 def test_recorded_full_run():
-    record = json.loads(RESULTS.read_text())
-    assert record["command"].startswith("python -m cave.classical.rnn")
+    record = load_results("rnn")
+    assert record["command"].startswith(("python -m cave.classical.rnn",
+                                         "cave run rnn"))
     assert record["seq2seq"]["test_exact_match"] >= 0.95
     assert record["char_lstm"]["val_loss"] < 2.0
     assert set(record["char_lstm"]["samples"]) == {"0.5", "0.8", "1.2"}
+
+
+def test_char_lstm_generate_and_loss_restore_the_mode():
+    from cave.classical.rnn import char_loss
+    lm = CharLSTM(CharLSTMConfig(vocab_size=11, embed=4, hidden=8)).train()
+    lm.generate(torch.tensor([1, 2]), 3)
+    assert lm.training and all(m.training for m in lm.modules())
+    char_loss(lm, torch.randint(0, 11, (200,)), windows=4, block_size=8)
+    assert lm.training and all(m.training for m in lm.modules())
+
+
+def test_full_run_checks_its_overrides_before_training():
+    with pytest.raises(ValueError, match=r"unknown override\(s\) "
+                       r"\['char_stpes'\]: expected some of .*'char_steps'"):
+        full_run("cpu", char_stpes=3)
+    with pytest.raises(ValueError, match="seq2seq_epochs"):
+        full_run("cpu", epochs=1)  # which model's epochs? say which
+
+
+def test_override_configs():
+    s2s, char = override_configs({"seq2seq": Seq2SeqTrainConfig(),
+                                  "char": CharTrainConfig()},
+                                 {"char_steps": 7, "seq2seq_lr": 0.1})
+    assert (char.steps, s2s.lr) == (7, 0.1)
+    assert s2s.epochs == Seq2SeqTrainConfig().epochs  # the rest untouched
+    (plain,) = override_configs({"": CharTrainConfig()}, {"steps": 3})
+    assert plain.steps == 3

@@ -3,7 +3,6 @@ PyTorch's; decoding; errors at the boundaries."""
 
 import dataclasses
 import itertools
-import json
 import math
 
 import pytest
@@ -13,12 +12,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cave.classical.rnn import Vocab
+from cave.fundamentals.data import DateTask, Vocab, load_results
 from cave.transformers.transformer import (
-    RESULTS, DateTask, MultiHeadAttention, Transformer, TransformerConfig,
-    TransformerTrainConfig, beam_search, copy_from_torch, copy_mha, greedy,
-    length_penalty, merge_masks, noam_lr, sinusoidal_encoding,
-    train_transformer)
+    MultiHeadAttention, Transformer, TransformerConfig,
+    TransformerTrainConfig, beam_search, copy_from_torch, copy_mha, full_run,
+    greedy, last_attention, length_penalty, merge_masks, noam_lr,
+    sinusoidal_encoding, train_transformer)
 
 # float32: the same sums in a different order. A whole two-layer
 # encoder-decoder stacks several norms and softmaxes: a little more.
@@ -296,8 +295,98 @@ def test_training_lowers_the_loss():
 
 
 def test_recorded_full_run_meets_the_target():
-    record = json.loads(RESULTS.read_text())
+    record = load_results("transformer")
     assert record["test_exact_match"] >= 0.99
     assert record["command"].startswith(
-        "python -m cave.transformers.transformer --full")
+        ("python -m cave.transformers.transformer --full",
+         "cave run transformer --full"))
     assert record["task"] == repr(DateTask(seed=0))
+
+
+def test_decoders_restore_every_submodule_mode():
+    model = tiny()
+    model.train()
+    model.encoder.layers[0].eval()  # a mixed state must come back as it was
+    modes = [m.training for m in model.modules()]
+    src = torch.randint(3, 6, (1, 4))
+    greedy(model, src, max_len=3)
+    beam_search(model, src, beam_width=2, max_len=3)
+    last_attention(model, src, torch.tensor([[Vocab.BOS, 3]]))
+    assert [m.training for m in model.modules()] == modes
+    assert not model.encoder.layers[-1].self_attn.record_weights
+
+
+def test_greedy_scores_with_the_data_chapters_exact_match():
+    task = DateTask(n_train=64, n_val=12, n_test=12, seed=2)
+    model = Transformer(TransformerConfig(d_model=16, n_heads=2, d_ff=32,
+                                          n_encoder_layers=1,
+                                          n_decoder_layers=1))
+    score, outputs = task.exact_match(lambda s, n: greedy(model, s), "val",
+                                      batch_size=5)
+    assert 0.0 <= score <= 1.0 and len(outputs) == 12
+    # batching and padding do not change what greedy writes
+    one = [task.tgt_vocab.decode(greedy(model, task.src_vocab.encode(s)[None]
+                                        )[0]) for s, _ in task.val]
+    assert outputs == one
+
+
+def test_full_run_checks_its_overrides_before_training():
+    with pytest.raises(ValueError, match=r"unknown override\(s\) "
+                       r"\['epoch'\]: expected some of .*'epochs'"):
+        full_run("cpu", epoch=1)
+
+
+# ---- dtypes: MultiHeadAttention works in every dtype its twin does -------
+
+@pytest.mark.parametrize("masks", ["none", "padding", "causal"])
+def test_mha_equals_torch_in_float64(masks):
+    ours, ref = pair(C=16, H=4)
+    ours, ref = ours.double(), ref.double()
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    kw = {"none": {}, "padding": dict(key_padding_mask=pad),
+          "causal": dict(attn_mask=causal)}[masks]
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for need_weights in (True, False):  # the readable and the fast path
+        out = ours(x1, x1, x1, need_weights=need_weights, **kw)
+        out = out[0] if need_weights else out
+        r_out, r_w = ref(x2, x2, x2, average_attn_weights=False, **kw)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, r_out, atol=1e-12, rtol=1e-12)
+        if need_weights:
+            w = ours(x1, x1, x1, need_weights=True, **kw)[1]
+            torch.testing.assert_close(w, r_w, atol=1e-12, rtol=1e-12)
+    out.square().sum().backward()
+    r_out.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_mha_bfloat16_runs_and_stays_near_float64():
+    ours, ref = pair(C=16, H=4)
+    exact = MultiHeadAttention(16, 4)
+    exact.load_state_dict(ours.state_dict())
+    ours, ref, exact = ours.bfloat16(), ref.bfloat16(), exact.double()
+    x = torch.randn(2, 6, 16).bfloat16()
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    results = []
+    for model, fast in ((ours, True), (ours, False), (exact, True)):
+        dtype = next(model.parameters()).dtype
+        xi = x.clone().to(dtype).requires_grad_()
+        out = model(xi, xi, xi, key_padding_mask=pad, is_causal=True,
+                    need_weights=not fast)
+        out = out if fast else out[0]
+        assert out.dtype == dtype
+        out.float().square().sum().backward()
+        results.append((out.double(), xi.grad.double()))
+    xr = x.clone().requires_grad_()
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    r_out, _ = ref(xr, xr, xr, key_padding_mask=pad, attn_mask=causal)
+    r_out.float().square().sum().backward()
+    results.append((r_out.double(), xr.grad.double()))
+    y_exact, g_exact = results[2]
+    for y, g in results[:2] + results[3:]:
+        torch.testing.assert_close(y, y_exact, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(g, g_exact, atol=0.1, rtol=0.1)

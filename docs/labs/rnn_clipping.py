@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Break the RNN: no gradient clipping
 #
-# The [recurrent networks chapter](../../classical/rnn/) measured how a
+# The [recurrent networks chapter](../classical/rnn.md) measured how a
 # gradient travelling back through a vanilla RNN can grow by orders of
 # magnitude, and built `clip_grad_norm_`, which caps the length of the
 # whole gradient and keeps its direction. Here we watch what one exploding
@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cave.classical.rnn import RNN, char_batch, clip_grad_norm_
-from cave.fundamentals.data import shakespeare_split
+from cave.classical.rnn import RNN, clip_grad_norm_
+from cave.fundamentals.data import Batches, shakespeare_split
+from cave.fundamentals.essentials import seed_everything, smooth
 
 lab_start = time.perf_counter()
 tokenizer, train_ids, val_ids = shakespeare_split()
@@ -48,13 +49,13 @@ def run(lr: float, clip: float | None, steps: int = 250):
 
     The norm is measured before clipping: it is what the gradient was.
     """
-    torch.manual_seed(0)
+    seed_everything(0)  # the same initial weights
     model = CharRNN(tokenizer.vocab_size)
-    generator = torch.Generator().manual_seed(0)  # the same batches
+    batches = Batches(train_ids, 32, 50, seed=0)  # the same batches
     optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     losses, norms = [], []
     for _ in range(steps):
-        x, y = char_batch(train_ids, 32, 50, generator)  # (B, T) each
+        x, y = batches.next()  # (B, T) each
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         optimiser.zero_grad()
         loss.backward()
@@ -87,17 +88,9 @@ for name, (lr, clip) in runs.items():
 # ## The curves
 
 # %%
-def smooth(values, width=10):
-    """Moving average over `width` steps (shorter at the start)."""
-    v = torch.tensor(values)
-    c = torch.cat([torch.zeros(1), v.cumsum(0)])
-    start = (torch.arange(len(v)) + 1 - width).clamp(min=0)
-    return ((c[1:] - c[start]) / (torch.arange(len(v)) + 1 - start)).tolist()
-
-
 fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(11, 4))
 for name, (losses, norms) in results.items():
-    ax_loss.plot(smooth(losses), label=name)
+    ax_loss.plot(smooth(losses, window=10), label=name)
     ax_norm.semilogy(norms, label=name, lw=0.9)
 ax_loss.axhline(torch.log(torch.tensor(65.0)).item(), color="gray", ls=":",
                 label="uniform guess, ln 65")

@@ -2,6 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
+# § Recurrent networks (docs/classical/rnn.md:28)
 """Recurrent networks from scratch: cells, layers, BPTT, seq2seq, char LSTM.
 
 The chapter docs/classical/rnn.md builds, in order:
@@ -13,40 +14,36 @@ The chapter docs/classical/rnn.md builds, in order:
                                     nn.GRU (state dicts load both ways)
     rnn_backward                    backpropagation through time by hand
     clip_grad_norm_                 equal to torch.nn.utils.clip_grad_norm_
-    Vocab, DateTask, format_date    the dates-to-ISO translation task
-    BahdanauAttention, Seq2Seq      encoder-decoder with additive attention
+    BahdanauAttention, Seq2Seq      encoder-decoder with additive attention,
+                                    on the data chapter's DateTask
     CharLSTM                        character-level language model
+    full_run                        both models trained for real
 
-`python -m cave.classical.rnn --full` trains the seq2seq model and the
-character LSTM and records their results in cave/_results/rnn.json.
+`cave run rnn --full` calls full_run and records its results in
+cave/_results/rnn.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import math
-import random
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import cave
-from cave.fundamentals.data import shakespeare_split
+from cave.fundamentals.checkpoints import override_configs
+from cave.fundamentals.data import (Batches, DateTask, Vocab,
+                                    shakespeare_split)
 from cave.fundamentals.deep_networks import Adam, one_cycle_lr
-from cave.fundamentals.essentials import pick_device
+from cave.fundamentals.essentials import (eval_mode, pick_device,
+                                          seed_everything)
 
-RESULTS = Path(cave.__file__).resolve().parent / "_results" / "rnn.json"
 
-
+# § One step of a recurrence (docs/classical/rnn.md:110)
 def rnn_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None,
              nonlinearity: str = "tanh") -> Tensor:
     """h' = act(gi + h W_hh^T + b_hh), gi = x W_ih^T + b_ih precomputed."""
@@ -56,6 +53,7 @@ def rnn_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None,
     return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
 
 
+# § The LSTM: a memory the gradient can travel along (docs/classical/rnn.md:153)
 def lstm_step(gi: Tensor, h: Tensor, c: Tensor, w_hh: Tensor,
               b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
     """One LSTM step; gi = x W_ih^T + b_ih (B, 4H), gates i, f, g, o."""
@@ -68,6 +66,7 @@ def lstm_step(gi: Tensor, h: Tensor, c: Tensor, w_hh: Tensor,
     return h, c
 
 
+# § The GRU: two gates instead of three (docs/classical/rnn.md:189)
 def gru_step(gi: Tensor, h: Tensor, w_hh: Tensor,
              b_hh: Tensor | None) -> Tensor:
     """One GRU step; gi = x W_ih^T + b_ih (B, 3H), gates r, z, n."""
@@ -82,6 +81,7 @@ def gru_step(gi: Tensor, h: Tensor, w_hh: Tensor,
     return (1 - z) * n + z * h  # (B, H)
 
 
+# § Cells (docs/classical/rnn.md:213)
 class _Cell(nn.Module):
     gates = 1  # rows of weight_ih per hidden unit: 1, 4 (LSTM), 3 (GRU)
 
@@ -176,6 +176,7 @@ class GRUCell(_Cell):
         return gru_step(self._gi(x), h, self.weight_hh, self.bias_hh)
 
 
+# § Layers: sequences, stacks, both directions, ragged batches (docs/classical/rnn.md:364)
 class _Recurrent(nn.Module):
     gates = 1
     n_states = 1  # tensors in the state: 1, or 2 for the LSTM's (h, c)
@@ -380,6 +381,7 @@ class GRU(_Recurrent):
         return (gru_step(gi, state[0], w_hh, b_hh),)
 
 
+# § Backpropagation through time (docs/classical/rnn.md:709)
 def rnn_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                 b: Tensor) -> Tensor:
     """Every state h_1..h_T (B, T, H) of h_t = tanh(x_t W_ih^T + h W_hh^T + b).
@@ -423,197 +425,41 @@ def rnn_backward(x: Tensor, h0: Tensor, hs: Tensor, w_ih: Tensor,
             "dh_norms": dh_norms}
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
+# § Gradient clipping (docs/classical/rnn.md:899)
+def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
+                    norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: bool | None = None) -> Tensor:
     """Scale all gradients by min(1, max_norm / ||g||); return ||g||.
 
-    ||g|| is the 2-norm of all gradients together, as if concatenated into
-    one vector; equal to torch.nn.utils.clip_grad_norm_ (norm_type=2).
+    ||g|| is the norm_type-norm of all gradients together, as if
+    concatenated into one vector; equal to torch.nn.utils.clip_grad_norm_.
+    parameters: one tensor or an iterable (a generator is read once);
+    those without a gradient are skipped. foreach is PyTorch's choice of
+    kernel, a matter of speed: the numbers are the same either way.
     """
     if max_norm <= 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    if isinstance(parameters, Tensor):  # one tensor, not its rows
+        parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = torch.stack([g.detach().norm() for g in grads]).norm()  # ()
+    norm_type = float(norm_type)
+    device = grads[0].device
+    norms = [torch.linalg.vector_norm(g.detach(), norm_type).to(device)
+             for g in grads]  # one per tensor: ||g_k||_p
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)  # ()
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the "
+                           f"gradients is {total.item()}: expected a "
+                           f"finite number (error_if_nonfinite=True)")
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # () never > 1
     for g in grads:
-        g.detach().mul_(scale)
+        g.detach().mul_(scale.to(g.device))
     return total
 
 
-MONTHS = ("January", "February", "March", "April", "May", "June", "July",
-          "August", "September", "October", "November", "December")
-WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday",
-            "Saturday", "Sunday")
-
-
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"
-                                                  }.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-# Each style writes a date its own way; none is ambiguous (dd.mm.yyyy and
-# m/d/yyyy use different separators), so every source has one answer.
-DATE_FORMATS: dict[str, Callable[[datetime.date], str]] = {
-    "d Month yyyy": lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",
-    "Month d, yyyy": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
-    "Mon d, yyyy": lambda d: f"{MONTHS[d.month - 1][:3]} {d.day}, {d.year}",
-    "d Mon yyyy": lambda d: f"{d.day} {MONTHS[d.month - 1][:3]} {d.year}",
-    "Weekday, Month d, yyyy": lambda d: (f"{WEEKDAYS[d.weekday()]}, "
-                                         f"{MONTHS[d.month - 1]} {d.day}, "
-                                         f"{d.year}"),
-    "Wkd d Mon yyyy": lambda d: (f"{WEEKDAYS[d.weekday()][:3]} {d.day} "
-                                 f"{MONTHS[d.month - 1][:3]} {d.year}"),
-    "dd.mm.yyyy": lambda d: f"{d.day:02d}.{d.month:02d}.{d.year}",
-    "m/d/yyyy": lambda d: f"{d.month}/{d.day}/{d.year}",
-    "the dth of Month, yyyy": lambda d: (f"the {_ordinal(d.day)} of "
-                                         f"{MONTHS[d.month - 1]}, {d.year}"),
-    "MONTH d yyyy": lambda d: f"{MONTHS[d.month - 1].upper()} {d.day} "
-                              f"{d.year}",
-    "yyyymmdd": lambda d: f"{d.year}{d.month:02d}{d.day:02d}",
-    "d-mon-yyyy": lambda d: f"{d.day}-{MONTHS[d.month - 1][:3].lower()}-"
-                            f"{d.year}",
-}
-
-
-def format_date(date: datetime.date, style: str) -> str:
-    """`date` written in one of DATE_FORMATS' styles (locale-independent)."""
-    if style not in DATE_FORMATS:
-        raise ValueError(f"unknown date style {style!r}, expected one of "
-                         f"{list(DATE_FORMATS)}")
-    return DATE_FORMATS[style](date)
-
-
-class Vocab:
-    """Characters <-> ids, with <pad> = 0, <bos> = 1, <eos> = 2 first."""
-
-    PAD, BOS, EOS = 0, 1, 2
-    SPECIALS = ("<pad>", "<bos>", "<eos>")
-
-    def __init__(self, chars: str):
-        if len(set(chars)) != len(chars):
-            raise ValueError(f"vocabulary characters repeat: {chars!r}")
-        self.itos: list[str] = [*self.SPECIALS, *chars]  # id -> token
-        self.stoi = {c: i for i, c in enumerate(self.itos)}  # token -> id
-
-    def __len__(self) -> int:
-        return len(self.itos)
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False
-               ) -> Tensor:
-        """A string as ids (len(text) + bos + eos,), LongTensor."""
-        missing = sorted(set(text) - set(self.stoi))
-        if missing:
-            raise ValueError(f"characters {missing} of {text!r} are not in "
-                             f"the vocabulary of {len(self)} tokens")
-        ids = [self.BOS] * bos + [self.stoi[c] for c in text] + \
-            [self.EOS] * eos
-        return torch.tensor(ids, dtype=torch.long)  # (len,)
-
-    def decode(self, ids) -> str:
-        """Ids back to text, skipping <pad> and <bos>, stopping at <eos>."""
-        out = []
-        for i in (ids.tolist() if isinstance(ids, Tensor) else ids):
-            if i == self.EOS:
-                break
-            if i not in (self.PAD, self.BOS):
-                out.append(self.itos[i])
-        return "".join(out)
-
-    def __repr__(self) -> str:
-        return f"Vocab({len(self)} tokens)"
-
-
-def pad_batch(seqs: Sequence[Tensor], pad: int = Vocab.PAD
-              ) -> tuple[Tensor, Tensor]:
-    """1-D id tensors -> padded (N, max_len) and lengths (N,)."""
-    lengths = torch.tensor([len(s) for s in seqs])  # (N,)
-    out = torch.full((len(seqs), int(lengths.max())), pad)  # (N, L)
-    for row, s in enumerate(seqs):
-        out[row, :len(s)] = s
-    return out, lengths
-
-
-class DateTask:
-    """Translate dates written in many styles into ISO 8601 'YYYY-MM-DD'.
-
-    `DateTask(seed=0)` draws n_train + n_val + n_test *distinct* dates
-    between `first` and `last`, writes each in a random style of
-    DATE_FORMATS, and splits them: the test and validation dates never
-    occur in training, in any style. Everything follows from `seed`.
-
-    train, val, test    lists of (source, target) string pairs
-    src_vocab, tgt_vocab   Vocab of the source and target characters
-    tensors(split)      (src (N, S), src_lengths (N,), tgt (N, 12)):
-                        src padded with <pad>; tgt = <bos> ISO <eos>
-    batches(split, batch_size, generator=None)   shuffled when given a
-                        generator; each batch trimmed to its longest source
-    """
-
-    SRC_CHARS = (" ,-./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                 "abcdefghijklmnopqrstuvwxyz")  # every style's characters
-    TGT_CHARS = "-0123456789"
-
-    def __init__(self, n_train: int = 30_000, n_val: int = 1_000,
-                 n_test: int = 2_000, seed: int = 0,
-                 first: datetime.date = datetime.date(1900, 1, 1),
-                 last: datetime.date = datetime.date(2099, 12, 31)):
-        days = (last - first).days + 1
-        n = n_train + n_val + n_test
-        if min(n_train, n_val, n_test) < 0 or n > days:
-            raise ValueError(f"expected 0 <= sizes with n_train + n_val + "
-                             f"n_test <= {days} days, got {n_train}, "
-                             f"{n_val}, {n_test}")
-        rng = random.Random(seed)  # its own stream: the global one untouched
-        styles = list(DATE_FORMATS)
-        pairs = []
-        for offset in rng.sample(range(days), n):
-            date = first + datetime.timedelta(days=offset)
-            pairs.append((format_date(date, rng.choice(styles)),
-                          date.isoformat()))
-        self.seed = seed
-        self.test = pairs[:n_test]
-        self.val = pairs[n_test:n_test + n_val]
-        self.train = pairs[n_test + n_val:]
-        self.src_vocab = Vocab(self.SRC_CHARS)
-        self.tgt_vocab = Vocab(self.TGT_CHARS)
-        self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-
-    def split(self, name: str) -> list[tuple[str, str]]:
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got "
-                             f"{name!r}")
-        return getattr(self, name)
-
-    def tensors(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
-        """(src (N, S), src_lengths (N,), tgt (N, 12)) for a split."""
-        if name not in self._cache:
-            pairs = self.split(name)
-            src, lengths = pad_batch([self.src_vocab.encode(s)
-                                      for s, _ in pairs])
-            tgt, _ = pad_batch([self.tgt_vocab.encode(t, bos=True, eos=True)
-                                for _, t in pairs])
-            self._cache[name] = (src, lengths, tgt)
-        return self._cache[name]
-
-    def batches(self, name: str, batch_size: int,
-                generator: torch.Generator | None = None
-                ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """(src (B, S_b), src_lengths (B,), tgt (B, 12)), S_b the longest."""
-        src, lengths, tgt = self.tensors(name)
-        order = (torch.arange(len(src)) if generator is None
-                 else torch.randperm(len(src), generator=generator))
-        for i in range(0, len(src), batch_size):
-            index = order[i:i + batch_size]  # (B,)
-            longest = int(lengths[index].max())
-            yield src[index, :longest], lengths[index], tgt[index]
-
-    def __repr__(self) -> str:
-        return (f"DateTask(train={len(self.train)}, val={len(self.val)}, "
-                f"test={len(self.test)}, seed={self.seed})")
-
-
+# § Sequence to sequence with additive attention (docs/classical/rnn.md:1032)
 class BahdanauAttention(nn.Module):
     """score_j = v^T tanh(W_q s + W_k h_j); weights = softmax over j.
 
@@ -709,18 +555,20 @@ class Seq2Seq(nn.Module):
     def greedy(self, src: Tensor, src_lengths: Tensor, max_len: int = 11
                ) -> tuple[Tensor, Tensor]:
         """Feed back the most likely token -> ids (B, max_len) and the
-        attention weights (B, max_len, S)."""
-        values, keys, mask, s = self.encode(src, src_lengths)
-        y = torch.full((src.shape[0],), Vocab.BOS, device=src.device)
-        ids, weights = [], []
-        for _ in range(max_len):
-            logits, s, w = self.step(y, s, values, keys, mask)
-            y = logits.argmax(dim=-1)  # (B,)
-            ids.append(y)
-            weights.append(w)
+        attention weights (B, max_len, S), in evaluation mode."""
+        with eval_mode(self):
+            values, keys, mask, s = self.encode(src, src_lengths)
+            y = torch.full((src.shape[0],), Vocab.BOS, device=src.device)
+            ids, weights = [], []
+            for _ in range(max_len):
+                logits, s, w = self.step(y, s, values, keys, mask)
+                y = logits.argmax(dim=-1)  # (B,)
+                ids.append(y)
+                weights.append(w)
         return torch.stack(ids, 1), torch.stack(weights, 1)
 
 
+# § Training, and exact match (docs/classical/rnn.md:1184)
 @dataclasses.dataclass
 class Seq2SeqTrainConfig:
     epochs: int = 2  # one pass nearly solves it in our runs; two for sure
@@ -737,23 +585,6 @@ def seq2seq_loss(model: Seq2Seq, src: Tensor, src_lengths: Tensor,
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                            tgt[:, 1:].reshape(-1),
                            ignore_index=Vocab.PAD)  # (B*T, V) vs (B*T,)
-
-
-@torch.no_grad()
-def exact_match(model: Seq2Seq, task: DateTask, split: str,
-                batch_size: int = 1000) -> tuple[float, list[str]]:
-    """Greedy-decode a split: (fraction decoded exactly right, outputs)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outputs = []
-    for src, lengths, _ in task.batches(split, batch_size):
-        ids, _ = model.greedy(src.to(device), lengths.to(device))
-        outputs += [task.tgt_vocab.decode(row) for row in ids.cpu()]
-    model.train(was_training)
-    right = sum(out == tgt for out, (_, tgt) in zip(outputs,
-                                                    task.split(split)))
-    return right / len(outputs), outputs
 
 
 def train_seq2seq(model: Seq2Seq, task: DateTask,
@@ -784,6 +615,7 @@ def train_seq2seq(model: Seq2Seq, task: DateTask,
     return losses
 
 
+# § Character-level Shakespeare (docs/classical/rnn.md:1340)
 @dataclasses.dataclass
 class CharLSTMConfig:
     vocab_size: int = 65  # Tiny Shakespeare's distinct characters
@@ -814,16 +646,14 @@ class CharLSTM(nn.Module):
         """Continue prompt (T0,) by n ids, sampling softmax(logits / t)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        logits, state = self(prompt[None])  # the prompt, all at once
         out = []
-        for _ in range(n):  # then one character at a time, state carried
-            probs = torch.softmax(logits[0, -1] / temperature, dim=-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator)
-            out.append(nxt.item())
-            logits, state = self(nxt.to(prompt.device)[None], state)
-        self.train(was_training)
+        with eval_mode(self):
+            logits, state = self(prompt[None])  # the prompt, all at once
+            for _ in range(n):  # then one character at a time, state kept
+                probs = torch.softmax(logits[0, -1] / temperature, dim=-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator)
+                out.append(nxt.item())
+                logits, state = self(nxt.to(prompt.device)[None], state)
         return torch.tensor(out)  # (n,)
 
 
@@ -838,26 +668,14 @@ class CharTrainConfig:
     seed: int = 0
 
 
-def char_batch(ids: Tensor, batch_size: int, block_size: int,
-               generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Random windows x (B, T) and their next characters y (B, T)."""
-    starts = torch.randint(len(ids) - block_size, (batch_size,),
-                           generator=generator)  # (B,)
-    index = starts[:, None] + torch.arange(block_size)  # (B, T)
-    return ids[index], ids[index + 1]
-
-
 @torch.no_grad()
 def char_loss(model: CharLSTM, ids: Tensor, windows: int, block_size: int,
               seed: int = 0) -> float:
     """Mean cross-entropy (nats per character) on fixed random windows."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    x, y = char_batch(ids, windows, block_size,
-                      torch.Generator().manual_seed(seed))
-    logits, _ = model(x.to(device))  # (N, T, V)
-    model.train(was_training)
+    x, y = Batches(ids, windows, block_size, seed).next()  # (N, T) each
+    with eval_mode(model):
+        logits, _ = model(x.to(device))  # (N, T, V)
     return F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()
                            ).item()
 
@@ -867,15 +685,15 @@ def train_char_lstm(model: CharLSTM, train_ids: Tensor,
                     ) -> list[float]:
     """Adam, one-cycle schedule, clipping; returns every step's loss."""
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(config.seed)
+    batches = Batches(train_ids, config.batch_size, config.block_size,
+                      config.seed)
     optimiser = Adam(model.parameters(), lr=config.lr)
     losses = []
     model.train()
     for step in range(config.steps):
         for group in optimiser.param_groups:
             group["lr"] = one_cycle_lr(step, config.steps, config.lr)
-        x, y = char_batch(train_ids, config.batch_size, config.block_size,
-                          generator)
+        x, y = batches.next()  # (B, T) each
         logits, _ = model(x.to(device))  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten())
         optimiser.zero_grad(set_to_none=True)
@@ -886,26 +704,34 @@ def train_char_lstm(model: CharLSTM, train_ids: Tensor,
     return losses
 
 
+# § From the command line (docs/classical/rnn.md:1514)
 TEMPERATURES = (0.5, 0.8, 1.2)  # samples recorded at each
 
 
-def full_run(device: str | None = None, char_steps: int | None = None
-             ) -> dict:
-    """Train both models for real; return what rnn.json records."""
+def full_run(device: str | None = None, **overrides) -> dict:
+    """Train both models for real; return the record rnn.json keeps.
+
+    overrides: fields of Seq2SeqTrainConfig prefixed seq2seq_ and of
+    CharTrainConfig prefixed char_ (seq2seq_epochs=1, char_steps=300).
+    """
+    config, cconfig = override_configs(
+        {"seq2seq": Seq2SeqTrainConfig(), "char": CharTrainConfig()},
+        overrides)
     device = pick_device(device)
-    record = {"torch": torch.__version__, "device": str(device),
-              "threads": torch.get_num_threads(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    record: dict = {"device": str(device)}
 
     task = DateTask(seed=0)
-    torch.manual_seed(0)
+    seed_everything(config.seed)
     model = Seq2Seq().to(device)
-    config = Seq2SeqTrainConfig()
     start = time.perf_counter()
     losses = train_seq2seq(model, task, config)
     seconds = time.perf_counter() - start
-    val, _ = exact_match(model, task, "val")
-    test, outputs = exact_match(model, task, "test")
+
+    def decode(src: Tensor, lengths: Tensor) -> Tensor:
+        return model.greedy(src, lengths)[0]  # ids (B, 11)
+
+    val, _ = task.exact_match(decode, "val", device=device)
+    test, outputs = task.exact_match(decode, "test", device=device)
     src, lengths, _ = task.tensors("test")
     k = 0  # the first test example: its attention map
     ids, weights = model.greedy(src[k:k + 1].to(device),
@@ -923,11 +749,8 @@ def full_run(device: str | None = None, char_steps: int | None = None
             "weights": weights[0, :n_out, :n_src].cpu().tolist()}}
 
     tokenizer, train_ids, val_ids = shakespeare_split()
-    torch.manual_seed(0)
+    seed_everything(cconfig.seed)
     lm = CharLSTM(CharLSTMConfig(vocab_size=tokenizer.vocab_size)).to(device)
-    cconfig = CharTrainConfig()
-    if char_steps is not None:
-        cconfig = dataclasses.replace(cconfig, steps=char_steps)
     start = time.perf_counter()
     closses = train_char_lstm(lm, train_ids, cconfig)
     seconds = time.perf_counter() - start
@@ -945,34 +768,3 @@ def full_run(device: str | None = None, char_steps: int | None = None
         "seconds": seconds, "prompt": "ROMEO:\n", "samples": samples,
         "loss_every_10_steps": closses[::10]}
     return record
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m cave.classical.rnn",
-        description="Train the chapter's seq2seq model on the dates task "
-                    "and its character LSTM on Tiny Shakespeare.")
-    parser.add_argument("--full", action="store_true",
-                        help="train both for real and write the results")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ...")
-    parser.add_argument("--char-steps", type=int, default=None,
-                        help="override the character LSTM's steps")
-    parser.add_argument("--out", type=Path, default=RESULTS,
-                        help="where to write the JSON record")
-    args = parser.parse_args(argv)
-    if not args.full:
-        parser.error("nothing to do: pass --full to train")
-    record = full_run(args.device, args.char_steps)
-    record["command"] = "python -m cave.classical.rnn " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    s, c = record["seq2seq"], record["char_lstm"]
-    print(f"seq2seq: test exact match {s['test_exact_match']:.2%} "
-          f"({s['seconds']:.0f} s); char LSTM: val loss "
-          f"{c['val_loss']:.3f} ({c['seconds']:.0f} s); wrote {args.out}")
-    return record
-
-
-if __name__ == "__main__":
-    main()

@@ -2,6 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
+# § Where the data comes from (docs/fundamentals/data.md:36)
 """Data: where the book's data comes from and how it reaches a model.
 
 The IDX format read by hand, MNIST and Tiny Shakespeare loaders with
@@ -57,6 +58,7 @@ def load_results(name: str) -> dict:
     return record
 
 
+# § Checksums (docs/fundamentals/data.md:112)
 # The SHA-256 digest of every file the book ships.
 SHA256: dict[str, str] = {
     "mnist-t10k-images-idx3-ubyte.gz":
@@ -96,6 +98,7 @@ def verify(path: str | Path, sha256: str | None = None) -> Path:
     return path
 
 
+# § Parsing by hand (docs/fundamentals/data.md:227)
 # IDX type code -> (torch dtype, bytes per number)
 IDX_DTYPES: dict[int, tuple[torch.dtype, int]] = {
     0x08: (torch.uint8, 1),
@@ -130,7 +133,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     if len(data) < 4:
         raise DataError(f"{path}: truncated header, expected 4 magic "
                         f"bytes, found {len(data)}")
-    zeros, code, ndim = data[:2], data[2], data[3]  # (1)!
+    zeros, code, ndim = data[:2], data[2], data[3]  # bytes, int, int
     if zeros != b"\x00\x00":
         raise DataError(f"{path}: bad IDX magic, expected 00 00 as the "
                         f"first two bytes, found {zeros.hex(' ')}")
@@ -144,7 +147,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     if len(data) < start:
         raise DataError(f"{path}: truncated header, expected {start} bytes "
                         f"for {ndim} dimensions, found {len(data)}")
-    shape = struct.unpack(f">{ndim}I", data[4:start])  # (2)!
+    shape = struct.unpack(f">{ndim}I", data[4:start])  # big-endian u32s
     dtype, itemsize = IDX_DTYPES[code]
     count = math.prod(shape)
     expected, found = count * itemsize, len(data) - start
@@ -159,10 +162,11 @@ def read_idx(path: str | Path) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     raw = torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8)
     if itemsize > 1 and sys.byteorder == "little":
-        raw = raw.view(count, itemsize).flip(1)  # (3)!
-    return raw.contiguous().view(dtype).reshape(shape)  # (4)!
+        raw = raw.view(count, itemsize).flip(1)  # (count, itemsize)
+    return raw.contiguous().view(dtype).reshape(shape)  # no copy: a view
 
 
+# § MNIST (docs/fundamentals/data.md:330)
 MNIST_FILES = {
     "images": "mnist-t10k-images-idx3-ubyte.gz",
     "labels": "mnist-t10k-labels-idx1-ubyte.gz",
@@ -197,6 +201,7 @@ def load_mnist(root: str | Path = DATA_DIR
     return images, labels.long()
 
 
+# § Training and validation (docs/fundamentals/data.md:409)
 def mnist_split(seed: int = 0, val_size: int = 2000,
                 root: str | Path = DATA_DIR):
     """((train_images, train_labels), (val_images, val_labels)).
@@ -217,6 +222,7 @@ def mnist_split(seed: int = 0, val_size: int = 2000,
             (images[val], labels[val]))  # (V, 28, 28), (V,)
 
 
+# § Dataset and DataLoader (docs/fundamentals/data.md:480)
 class MNISTDataset(Dataset):
     """MNIST digits as (image, label): float (1, 28, 28) in [0, 1], int64.
 
@@ -245,6 +251,7 @@ class MNISTDataset(Dataset):
         return x, self.labels[i]
 
 
+# § Tiny Shakespeare (docs/fundamentals/data.md:566)
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 
 
@@ -254,6 +261,7 @@ def load_shakespeare(root: str | Path = DATA_DIR) -> str:
     return path.read_text(encoding="utf-8")
 
 
+# § A character tokeniser (docs/fundamentals/data.md:604)
 class TokenizerError(DataError):
     """Text or ids outside a tokeniser's vocabulary."""
 
@@ -306,6 +314,7 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
+# § Splitting text: contiguous, not shuffled (docs/fundamentals/data.md:689)
 def split_tokens(ids: torch.Tensor, train_fraction: float = 0.9
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `train_fraction` of a 1-D id tensor, and the rest.
@@ -336,35 +345,108 @@ def shakespeare_split(train_fraction: float = 0.9,
     return tokenizer, train, val
 
 
-class CharWindows(Dataset):
-    """Every window of `block_size` ids, and its target shifted by one."""
+# § Windows for next-character prediction (docs/fundamentals/data.md:758)
+import base64  # the sampler's state travels in JSON, as base64 text
 
-    def __init__(self, ids: torch.Tensor, block_size: int):
+
+class Batches:
+    """Random windows of `ids`: x (B, T) and its targets y, shifted by one.
+
+    The windows come from a generator of their own, seeded once; its state
+    and the count of batches drawn are the data position a checkpoint keeps.
+    """
+
+    def __init__(self, ids: torch.Tensor, batch_size: int, block_size: int,
+                 seed: int = 0):
         if ids.ndim != 1 or ids.is_floating_point():
             raise ValueError(f"expected a 1-D integer tensor of ids, got "
                              f"{ids.dtype} {tuple(ids.shape)}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be at least 1, got "
-                             f"{block_size}")
+        for name, value in (("batch_size", batch_size),
+                            ("block_size", block_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got "
+                                 f"{value!r}")
         if len(ids) < block_size + 1:
             raise DataError(f"sequence too short: expected at least "
                             f"block_size + 1 = {block_size + 1} ids, "
                             f"found {len(ids)}")
-        self.ids, self.block_size = ids, block_size
+        self.ids, self.B, self.T = ids, batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drawn = 0  # batches handed out so far
 
-    def __len__(self) -> int:
-        return len(self.ids) - self.block_size
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_starts = len(self.ids) - self.T  # windows that have a target
+        starts = torch.randint(0, n_starts, (self.B,),
+                               generator=self.generator)  # (B,)
+        offsets = starts[:, None] + torch.arange(self.T + 1)  # (B, T + 1)
+        chunk = self.ids[offsets]  # (B, T + 1)
+        self.drawn += 1
+        return chunk[:, :-1], chunk[:, 1:]  # (B, T), (B, T)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"window {i} out of range for {n} windows")
-        i %= n
-        x = self.ids[i:i + self.block_size]  # (T,)
-        y = self.ids[i + 1:i + 1 + self.block_size]  # (T,)
-        return x, y
+    def state_dict(self) -> dict:
+        state = bytes(self.generator.get_state().tolist())
+        return {"generator": base64.b64encode(state).decode("ascii"),
+                "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict; ValueError, and nothing changed, if it is
+        not one."""
+        try:
+            raw = base64.b64decode(state["generator"], validate=True)
+            drawn = state["drawn"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"expected a Batches state_dict with base64 "
+                             f"'generator' and 'drawn', got an error: "
+                             f"{err!r}") from None
+        expected = self.generator.get_state().numel()
+        if len(raw) != expected or type(drawn) is not int or drawn < 0:
+            raise ValueError(f"expected a generator state of {expected} "
+                             f"bytes and a count >= 0, found {len(raw)} "
+                             f"bytes and {drawn!r}")
+        self.generator.set_state(
+            torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        self.drawn = drawn
 
 
+def validation_windows(ids: torch.Tensor, block_size: int,
+                       max_windows: int | None = None) -> torch.Tensor:
+    """The fixed validation windows: (N, block_size + 1) ids.
+
+    The text is cut into consecutive, non-overlapping windows of
+    block_size + 1 ids that share their boundary id (window i starts at
+    i * block_size), so every id after the first is predicted exactly once;
+    the tail too short for a window is dropped. With max_windows, that many
+    windows spread evenly over the whole set (always the same ones).
+    """
+    if ids.ndim != 1 or ids.is_floating_point():
+        raise ValueError(f"expected a 1-D integer tensor of ids, got "
+                         f"{ids.dtype} {tuple(ids.shape)}")
+    n = (len(ids) - 1) // block_size  # full windows
+    if n < 1:
+        raise DataError(f"validation text too short: expected at least "
+                        f"block_size + 1 = {block_size + 1} ids, found "
+                        f"{len(ids)}")
+    index = torch.arange(n)  # (N,)
+    if max_windows is not None and max_windows < n:
+        index = torch.linspace(0, n - 1, max_windows).round().long()
+    offsets = index[:, None] * block_size + torch.arange(block_size + 1)
+    return ids[offsets]  # (N, block_size + 1)
+
+
+# § When examples differ in size: `collate_fn` (docs/fundamentals/data.md:894)
+def pad_batch(seqs: list[torch.Tensor], pad: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id tensors -> padded (N, max_len) and their lengths (N,)."""
+    if not seqs:
+        raise ValueError("pad_batch needs at least one sequence, got none")
+    lengths = torch.tensor([len(s) for s in seqs])  # (N,)
+    out = torch.full((len(seqs), int(lengths.max())), pad)  # (N, L)
+    for row, s in enumerate(seqs):
+        out[row, :len(s)] = s
+    return out, lengths
+
+
+# § Seeds and reproducibility (docs/fundamentals/data.md:925)
 def seed_worker(worker_id: int) -> None:
     """A DataLoader `worker_init_fn`: seed Python and NumPy in a worker.
 
@@ -376,3 +458,202 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed(seed)
+
+
+# § A generated task: dates to ISO 8601 (docs/fundamentals/data.md:1077)
+# What the dates task needs beyond the imports at the top of the module.
+import datetime
+from collections.abc import Callable, Iterator, Sequence
+
+from torch import Tensor
+
+MONTHS = ("January", "February", "March", "April", "May", "June", "July",
+          "August", "September", "October", "November", "December")
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday",
+            "Saturday", "Sunday")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"
+                                                  }.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+# Each style writes a date its own way; none is ambiguous (dd.mm.yyyy and
+# m/d/yyyy use different separators), so every source has one answer.
+DATE_FORMATS: dict[str, Callable[[datetime.date], str]] = {
+    "d Month yyyy": lambda d: f"{d.day} {MONTHS[d.month - 1]} {d.year}",
+    "Month d, yyyy": lambda d: f"{MONTHS[d.month - 1]} {d.day}, {d.year}",
+    "Mon d, yyyy": lambda d: f"{MONTHS[d.month - 1][:3]} {d.day}, {d.year}",
+    "d Mon yyyy": lambda d: f"{d.day} {MONTHS[d.month - 1][:3]} {d.year}",
+    "Weekday, Month d, yyyy": lambda d: (f"{WEEKDAYS[d.weekday()]}, "
+                                         f"{MONTHS[d.month - 1]} {d.day}, "
+                                         f"{d.year}"),
+    "Wkd d Mon yyyy": lambda d: (f"{WEEKDAYS[d.weekday()][:3]} {d.day} "
+                                 f"{MONTHS[d.month - 1][:3]} {d.year}"),
+    "dd.mm.yyyy": lambda d: f"{d.day:02d}.{d.month:02d}.{d.year}",
+    "m/d/yyyy": lambda d: f"{d.month}/{d.day}/{d.year}",
+    "the dth of Month, yyyy": lambda d: (f"the {_ordinal(d.day)} of "
+                                         f"{MONTHS[d.month - 1]}, {d.year}"),
+    "MONTH d yyyy": lambda d: f"{MONTHS[d.month - 1].upper()} {d.day} "
+                              f"{d.year}",
+    "yyyymmdd": lambda d: f"{d.year}{d.month:02d}{d.day:02d}",
+    "d-mon-yyyy": lambda d: f"{d.day}-{MONTHS[d.month - 1][:3].lower()}-"
+                            f"{d.year}",
+}
+
+
+def format_date(date: datetime.date, style: str) -> str:
+    """`date` written in one of DATE_FORMATS' styles (locale-independent)."""
+    if style not in DATE_FORMATS:
+        raise ValueError(f"unknown date style {style!r}, expected one of "
+                         f"{list(DATE_FORMATS)}")
+    return DATE_FORMATS[style](date)
+
+
+class Vocab:
+    """Characters <-> ids, with <pad> = 0, <bos> = 1, <eos> = 2 first."""
+
+    PAD, BOS, EOS = 0, 1, 2
+    SPECIALS = ("<pad>", "<bos>", "<eos>")
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError(f"vocabulary characters repeat: {chars!r}")
+        self.itos: list[str] = [*self.SPECIALS, *chars]  # id -> token
+        self.stoi = {c: i for i, c in enumerate(self.itos)}  # token -> id
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False
+               ) -> Tensor:
+        """A string as ids (len(text) + bos + eos,), LongTensor."""
+        missing = sorted(set(text) - set(self.stoi))
+        if missing:
+            raise ValueError(f"characters {missing} of {text!r} are not in "
+                             f"the vocabulary of {len(self)} tokens")
+        ids = [self.BOS] * bos + [self.stoi[c] for c in text] + \
+            [self.EOS] * eos
+        return torch.tensor(ids, dtype=torch.long)  # (len,)
+
+    def decode(self, ids) -> str:
+        """Ids back to text, skipping <pad> and <bos>, stopping at <eos>."""
+        out = []
+        for i in (ids.tolist() if isinstance(ids, Tensor) else ids):
+            if i == self.EOS:
+                break
+            if i not in (self.PAD, self.BOS):
+                out.append(self.itos[i])
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"Vocab({len(self)} tokens)"
+
+
+class DateTask:
+    """Translate dates written in many styles into ISO 8601 'YYYY-MM-DD'.
+
+    `DateTask(seed=0)` draws n_train + n_val + n_test *distinct* dates
+    between `first` and `last`, writes each in a random style of
+    DATE_FORMATS, and splits them: the test and validation dates never
+    occur in training, in any style. Everything follows from `seed`.
+
+    train, val, test    lists of (source, target) string pairs
+    src_vocab, tgt_vocab   Vocab of the source and target characters
+    tensors(split)      (src (N, S), src_lengths (N,), tgt (N, 12)):
+                        src padded with <pad>; tgt = <bos> ISO <eos>
+    batches(split, batch_size, generator=None)   shuffled when given a
+                        generator; each batch trimmed to its longest source
+    exact_match(decode, split)   the fraction of a split some decoder
+                        translates exactly right, and its outputs
+    """
+
+    SRC_CHARS = (" ,-./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                 "abcdefghijklmnopqrstuvwxyz")  # every style's characters
+    TGT_CHARS = "-0123456789"
+
+    def __init__(self, n_train: int = 30_000, n_val: int = 1_000,
+                 n_test: int = 2_000, seed: int = 0,
+                 first: datetime.date = datetime.date(1900, 1, 1),
+                 last: datetime.date = datetime.date(2099, 12, 31)):
+        days = (last - first).days + 1
+        n = n_train + n_val + n_test
+        if min(n_train, n_val, n_test) < 0 or n > days:
+            raise ValueError(f"expected 0 <= sizes with n_train + n_val + "
+                             f"n_test <= {days} days, got {n_train}, "
+                             f"{n_val}, {n_test}")
+        rng = random.Random(seed)  # its own stream: the global one untouched
+        styles = list(DATE_FORMATS)
+        pairs = []
+        for offset in rng.sample(range(days), n):
+            date = first + datetime.timedelta(days=offset)
+            pairs.append((format_date(date, rng.choice(styles)),
+                          date.isoformat()))
+        self.seed = seed
+        self.test = pairs[:n_test]
+        self.val = pairs[n_test:n_test + n_val]
+        self.train = pairs[n_test + n_val:]
+        self.src_vocab = Vocab(self.SRC_CHARS)
+        self.tgt_vocab = Vocab(self.TGT_CHARS)
+        self._cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def split(self, name: str) -> list[tuple[str, str]]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got "
+                             f"{name!r}")
+        return getattr(self, name)
+
+    def tensors(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(src (N, S), src_lengths (N,), tgt (N, 12)) for a split."""
+        if name not in self._cache:
+            pairs = self.split(name)
+            src, lengths = pad_batch([self.src_vocab.encode(s)
+                                      for s, _ in pairs], Vocab.PAD)
+            tgt, _ = pad_batch([self.tgt_vocab.encode(t, bos=True, eos=True)
+                                for _, t in pairs], Vocab.PAD)
+            self._cache[name] = (src, lengths, tgt)
+        return self._cache[name]
+
+    def batches(self, name: str, batch_size: int,
+                generator: torch.Generator | None = None
+                ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(src (B, S_b), src_lengths (B,), tgt (B, 12)), S_b the longest."""
+        src, lengths, tgt = self.tensors(name)
+        order = (torch.arange(len(src)) if generator is None
+                 else torch.randperm(len(src), generator=generator))
+        for i in range(0, len(src), batch_size):
+            index = order[i:i + batch_size]  # (B,)
+            longest = int(lengths[index].max())
+            yield src[index, :longest], lengths[index], tgt[index]
+
+    @torch.no_grad()
+    def exact_match(self, decode: Callable[[Tensor, Tensor], Tensor],
+                    split: str, batch_size: int = 1000,
+                    device: torch.device | str | None = None
+                    ) -> tuple[float, list[str]]:
+        """Decode a split in order: (fraction exactly right, outputs).
+
+        decode(src (B, S), src_lengths (B,)) -> target ids (B, T), read up
+        to the first <eos>: any model's decoder (greedy, beam...). The
+        batches go to `device` first; the decoder sets its own mode.
+        """
+        outputs = []
+        for src, lengths, _ in self.batches(split, batch_size):
+            if device is not None:
+                src, lengths = src.to(device), lengths.to(device)
+            ids = decode(src, lengths)  # (B, T)
+            if not isinstance(ids, Tensor) or ids.ndim != 2 \
+                    or ids.shape[0] != len(src):
+                found = (tuple(ids.shape) if isinstance(ids, Tensor)
+                         else type(ids).__name__)
+                raise ValueError(f"decode must return target ids of shape "
+                                 f"(B={len(src)}, T), got {found}")
+            outputs += [self.tgt_vocab.decode(row) for row in ids.cpu()]
+        right = sum(out == tgt for out, (_, tgt) in zip(outputs,
+                                                        self.split(split)))
+        return right / len(outputs), outputs
+
+    def __repr__(self) -> str:
+        return (f"DateTask(train={len(self.train)}, val={len(self.val)}, "
+                f"test={len(self.test)}, seed={self.seed})")

@@ -2,6 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
+# § The Transformer (docs/transformers/transformer.md:31)
 """The Transformer of "Attention Is All You Need" (2017), from scratch.
 
 The chapter docs/transformers/transformer.md builds, in order:
@@ -14,41 +15,38 @@ The chapter docs/transformers/transformer.md builds, in order:
                           equal to nn.Transformer's layers
     Transformer           embeddings, encoder, decoder, output projection
     copy_from_torch       loads an nn.Transformer's weights into ours
-    noam_lr, train_transformer, exact_match
+    noam_lr, train_transformer
                           the paper's warmup schedule, label smoothing
     greedy, beam_search   decoding, beam search with a length penalty
+    last_attention        what the last layers' heads attend to
+    full_run              the default model trained for real
 
-`python -m cave.transformers.transformer --full` trains on the dates task
-of cave.classical.rnn and records the result in cave/_results/
-transformer.json.
+`cave run transformer --full` trains on the data chapter's dates task
+(cave.fundamentals.data.DateTask) and records the result in
+cave/_results/transformer.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-import cave
-from cave.classical.rnn import DateTask, Vocab
+from cave.fundamentals.checkpoints import override_configs
+from cave.fundamentals.data import DateTask, Vocab
 from cave.fundamentals.deep_networks import Adam
 from cave.fundamentals.essentials import (attention_weights, cross_entropy,
-                                          pick_device, layer_norm,
-                                          scaled_dot_product_attention)
+                                          eval_mode, layer_norm,
+                                          pick_device,
+                                          scaled_dot_product_attention,
+                                          seed_everything)
 
-RESULTS = (Path(cave.__file__).resolve().parent / "_results" /
-           "transformer.json")
 
-
+# § Multi-head attention (docs/transformers/transformer.md:137)
 def _as_additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:
     """A bool (True = masked out) or float mask as one added to scores."""
     if mask.dtype == torch.bool:
@@ -186,6 +184,7 @@ def copy_mha(ours: MultiHeadAttention, theirs: nn.MultiheadAttention
     ours.out_proj.load_state_dict(theirs.out_proj.state_dict())
 
 
+# § Where is each token? The positional encoding (docs/transformers/transformer.md:341)
 def sinusoidal_encoding(n_positions: int, d_model: int) -> Tensor:
     """The paper's positional encoding, (n_positions, d_model)."""
     if d_model % 2 != 0:
@@ -200,6 +199,7 @@ def sinusoidal_encoding(n_positions: int, d_model: int) -> Tensor:
     return pe
 
 
+# § The other pieces: feed-forward, layer norm, residuals (docs/transformers/transformer.md:430)
 class LayerNorm(nn.Module):
     """The essentials' layer_norm with a learned gain and bias."""
 
@@ -228,6 +228,7 @@ class PositionwiseFFN(nn.Module):
         return self.linear2(self.dropout(h))  # (..., d_ff) -> (..., C)
 
 
+# § Post-norm or pre-norm (docs/transformers/transformer.md:485)
 @dataclasses.dataclass
 class TransformerConfig:
     src_vocab: int = len(DateTask.SRC_CHARS) + 3  # characters + specials
@@ -346,6 +347,7 @@ class Decoder(nn.Module):
         return x if self.norm is None else self.norm(x)
 
 
+# § The whole model (docs/transformers/transformer.md:629)
 class Transformer(nn.Module):
     """The encoder-decoder of Vaswani et al. (2017).
 
@@ -449,6 +451,7 @@ def copy_from_torch(ours: Transformer, ref: nn.Transformer) -> None:
             a.norm2.load_state_dict(b.norm2.state_dict())
 
 
+# § Training on the dates (docs/transformers/transformer.md:795)
 def noam_lr(step: int, d_model: int, warmup: int, scale: float = 1.0
             ) -> float:
     """The paper's schedule: linear warmup, then 1/sqrt(step) decay."""
@@ -508,6 +511,7 @@ def train_transformer(model: Transformer, task: DateTask,
     return losses
 
 
+# § Decoding: greedy and beam search (docs/transformers/transformer.md:864)
 def next_log_probs(model: Transformer, ys: Tensor, memory: Tensor,
                    src_pad: Tensor) -> Tensor:
     """log p(next | ys (B, t), source) over the vocabulary, (B, V);
@@ -522,33 +526,18 @@ def next_log_probs(model: Transformer, ys: Tensor, memory: Tensor,
 def greedy(model: Transformer, src: Tensor, max_len: int = 11) -> Tensor:
     """src (B, S) -> ids (B, max_len): the argmax each step, <pad> after
     <eos>."""
-    was_training = model.training
-    model.eval()
-    memory, src_pad = model.encode(src)  # (B, S, C), (B, S)
     ys = torch.full((src.shape[0], 1), Vocab.BOS,
                     device=src.device)  # (B, 1)
     done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-    for _ in range(max_len):
-        nxt = next_log_probs(model, ys, memory, src_pad).argmax(-1)  # (B,)
-        nxt = nxt.masked_fill(done, Vocab.PAD)
-        done |= nxt == Vocab.EOS
-        ys = torch.cat([ys, nxt[:, None]], dim=1)  # (B, t + 1)
-    model.train(was_training)
+    with eval_mode(model):
+        memory, src_pad = model.encode(src)  # (B, S, C), (B, S)
+        for _ in range(max_len):
+            nxt = next_log_probs(model, ys, memory, src_pad
+                                 ).argmax(-1)  # (B,)
+            nxt = nxt.masked_fill(done, Vocab.PAD)
+            done |= nxt == Vocab.EOS
+            ys = torch.cat([ys, nxt[:, None]], dim=1)  # (B, t + 1)
     return ys[:, 1:]  # (B, max_len)
-
-
-@torch.no_grad()
-def exact_match(model: Transformer, task: DateTask, split: str,
-                batch_size: int = 1000) -> tuple[float, list[str]]:
-    """Greedy-decode a split: (fraction exactly right, outputs)."""
-    device = next(model.parameters()).device
-    outputs = []
-    for src, _, _ in task.batches(split, batch_size):
-        ids = greedy(model, src.to(device))
-        outputs += [task.tgt_vocab.decode(row) for row in ids.cpu()]
-    right = sum(out == tgt for out, (_, tgt) in zip(outputs,
-                                                    task.split(split)))
-    return right / len(outputs), outputs
 
 
 def length_penalty(n: int, alpha: float) -> float:
@@ -568,47 +557,68 @@ def beam_search(model: Transformer, src: Tensor, beam_width: int = 4,
     if not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam_width must be a positive int, got "
                          f"{beam_width!r}")
-    was_training = model.training
-    model.eval()
-    memory, src_pad = model.encode(src)  # (1, S, C), (1, S)
     beams = torch.full((1, 1), Vocab.BOS, device=src.device)  # (W, 1)
     scores = torch.zeros(1, device=src.device)  # (W,): sum of log p
     finished: list[tuple[float, list[int]]] = []
-    for t in range(1, max_len + 1):
-        W = beams.shape[0]
-        logp = next_log_probs(model, beams, memory.expand(W, -1, -1),
-                              src_pad.expand(W, -1))  # (W, V)
-        V = logp.shape[1]
-        total = (scores[:, None] + logp).flatten()  # (W * V,)
-        k = min(beam_width, int(torch.isfinite(total).sum()))
-        top, index = total.topk(k)  # (k,) best extensions
-        rows, tokens = index // V, index % V  # (k,), (k,)
-        seqs = torch.cat([beams[rows], tokens[:, None]], dim=1)  # (k, t+1)
-        ended = (tokens == Vocab.EOS) | (t == max_len)  # (k,)
-        for s, seq in zip(top[ended].tolist(), seqs[ended]):
-            finished.append((s / length_penalty(t, alpha),
-                             seq[1:].tolist()))
-        beams, scores = seqs[~ended], top[~ended]  # the beam shrinks
-        if len(beams) == 0:
-            break
-    model.train(was_training)
+    with eval_mode(model):
+        memory, src_pad = model.encode(src)  # (1, S, C), (1, S)
+        for t in range(1, max_len + 1):
+            W = beams.shape[0]
+            logp = next_log_probs(model, beams, memory.expand(W, -1, -1),
+                                  src_pad.expand(W, -1))  # (W, V)
+            V = logp.shape[1]
+            total = (scores[:, None] + logp).flatten()  # (W * V,)
+            k = min(beam_width, int(torch.isfinite(total).sum()))
+            top, index = total.topk(k)  # (k,) best extensions
+            rows, tokens = index // V, index % V  # (k,), (k,)
+            seqs = torch.cat([beams[rows], tokens[:, None]],
+                             dim=1)  # (k, t + 1)
+            ended = (tokens == Vocab.EOS) | (t == max_len)  # (k,)
+            for s, seq in zip(top[ended].tolist(), seqs[ended]):
+                finished.append((s / length_penalty(t, alpha),
+                                 seq[1:].tolist()))
+            beams, scores = seqs[~ended], top[~ended]  # the beam shrinks
+            if len(beams) == 0:
+                break
     score, ids = max(finished, key=lambda f: f[0])
     return ids, score
 
 
-def full_run(device: str | None = None) -> dict:
-    """Train the default model for real; return what transformer.json
-    records."""
+# § What the heads look at (docs/transformers/transformer.md:1015)
+@torch.no_grad()
+def last_attention(model: Transformer, src: Tensor, tgt_in: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """src (1, S), tgt_in (1, T) -> the weights of the last encoder
+    self-attention (H, S, S) and of the last cross-attention (H, T, S)."""
+    enc = model.encoder.layers[-1].self_attn
+    cross = model.decoder.layers[-1].cross_attn
+    enc.record_weights = cross.record_weights = True
+    try:
+        with eval_mode(model):
+            model(src, tgt_in)  # (1, T, V); the weights are what we want
+    finally:
+        enc.record_weights = cross.record_weights = False
+    return enc.weights[0], cross.weights[0]  # (H, S, S), (H, T, S)
+
+
+# § The full run (docs/transformers/transformer.md:1086)
+def full_run(device: str | None = None, **overrides) -> dict:
+    """Train the default model for real; return the record
+    transformer.json keeps. overrides: TransformerTrainConfig fields."""
+    (config,) = override_configs({"": TransformerTrainConfig()}, overrides)
     device = pick_device(device)
     task = DateTask(seed=0)
-    torch.manual_seed(0)
+    seed_everything(0)  # the weights; config.seed orders the batches
     model = Transformer().to(device)
-    config = TransformerTrainConfig()
     start = time.perf_counter()
     losses = train_transformer(model, task, config)
     seconds = time.perf_counter() - start
-    val, _ = exact_match(model, task, "val")
-    test, outputs = exact_match(model, task, "test")
+
+    def decode(src: Tensor, lengths: Tensor) -> Tensor:
+        return greedy(model, src)  # ids (B, 11); padding marks the lengths
+
+    val, _ = task.exact_match(decode, "val", device=device)
+    test, outputs = task.exact_match(decode, "test", device=device)
     src, lengths, _ = task.tensors("test")
     n_beam = 200  # beam search decodes one source at a time: a sample
     beam_right = 0
@@ -618,17 +628,10 @@ def full_run(device: str | None = None) -> dict:
     source = task.test[0][0]
     src0 = task.src_vocab.encode(source)[None].to(device)  # (1, S)
     output = task.tgt_vocab.decode(greedy(model, src0)[0])
-    enc = model.encoder.layers[-1].self_attn
-    cross = model.decoder.layers[-1].cross_attn
-    enc.record_weights = cross.record_weights = True
-    model.eval()
-    with torch.no_grad():
-        model(src0, task.tgt_vocab.encode(output, bos=True)[None].to(device))
-    enc.record_weights = cross.record_weights = False
+    encoder_self, cross = last_attention(
+        model, src0, task.tgt_vocab.encode(output, bos=True)[None].to(device))
     return {
-        "torch": torch.__version__, "device": str(device),
-        "threads": torch.get_num_threads(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
         "task": repr(task), "model": dataclasses.asdict(model.config),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train": dataclasses.asdict(config), "steps": len(losses),
@@ -640,31 +643,5 @@ def full_run(device: str | None = None) -> dict:
                         if o != t][:20],
         "attention_example": {
             "source": source, "output": output,
-            "encoder_self": enc.weights[0].cpu().tolist(),
-            "cross": cross.weights[0].cpu().tolist()}}
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m cave.transformers.transformer",
-        description="Train the chapter's Transformer on the dates task.")
-    parser.add_argument("--full", action="store_true",
-                        help="train for real and write the results")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ...")
-    parser.add_argument("--out", type=Path, default=RESULTS,
-                        help="where to write the JSON record")
-    args = parser.parse_args(argv)
-    if not args.full:
-        parser.error("nothing to do: pass --full to train")
-    record = full_run(args.device)
-    record["command"] = "python -m cave.transformers.transformer " + \
-        " ".join(argv if argv is not None else sys.argv[1:])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    print(f"test exact match {record['test_exact_match']:.2%} "
-          f"({record['seconds']:.0f} s); wrote {args.out}")
-    return record
-
-
-if __name__ == "__main__":
-    main()
+            "encoder_self": encoder_self.cpu().tolist(),
+            "cross": cross.cpu().tolist()}}
