@@ -1,4 +1,5 @@
-"""The CNN chapter: convolution, pooling and batch norm equal PyTorch's."""
+"""The CNN chapter: convolution, pooling and batch norm equal PyTorch's,
+in float32, float64 and bfloat16."""
 
 import json
 import re
@@ -7,19 +8,30 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cave.classical.cnn import (RECIPE, RESULTS, AvgPool2d, BatchNorm2d,
-                                Conv2d, MaxPool2d, ResidualBlock, ResNet,
+import cave.classical.cnn as cnn
+from cave.classical.cnn import (RECIPE, AvgPool2d, BatchNorm2d, Conv2d,
+                                MaxPool2d, ResidualBlock, ResNet,
                                 ResNetConfig, avg_pool2d, conv2d,
-                                conv_output_size, im2col, max_pool2d,
-                                receptive_field, unfold)
+                                conv_output_size, full_run, im2col,
+                                max_pool2d, receptive_field, unfold)
+from cave.fundamentals.data import load_results
 from cave.fundamentals.deep_networks import TrainConfig, evaluate, train
 
 # float32 sums of up to a few hundred products, taken in another order
 TOL = dict(atol=1e-4, rtol=1e-4)
 EXACT = dict(atol=0, rtol=0)  # im2col and max pooling move numbers only
+# Per dtype, for layers converted with .to(dtype). float64: the float32
+# reasoning, 2**29 times finer. bfloat16 (8 significant bits): both sides
+# accumulate in float32 and round the result, ours once more where it adds
+# the bias or divides a pooled sum: up to two steps of 2**-7 relative, and
+# 2**-6 absolute for results near zero out of sums of larger terms.
+TOLS = {torch.float32: TOL,
+        torch.float64: dict(atol=1e-12, rtol=1e-12),
+        torch.bfloat16: dict(atol=2 ** -6, rtol=2 ** -6)}
+DTYPES = list(TOLS)
 
 
 def pair(draw, low, high):
@@ -199,35 +211,101 @@ def bn_pair(**kwargs):
     return ours, theirs
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 6), c=st.integers(1, 6), h=st.integers(1, 5),
        w=st.integers(2, 5), affine=st.booleans(), track=st.booleans(),
-       momentum=st.sampled_from([0.1, 0.7, None]))
-def test_batchnorm2d_equals_torch(n, c, h, w, affine, track, momentum):
+       momentum=st.sampled_from([0.1, 0.7, None]),
+       dtype=st.sampled_from(DTYPES))
+def test_batchnorm2d_equals_torch(n, c, h, w, affine, track, momentum,
+                                  dtype):
+    count = n * h * w  # values per channel
+    # nn.BatchNorm2d's bfloat16 kernel rounds the batch mean and 1/std to
+    # bfloat16 (ours keeps float32; see test_deep_networks): with fewer
+    # than 8 values per channel its statistics are too rough to compare
+    assume(dtype != torch.bfloat16 or count >= 8)
     torch.manual_seed(n * 1000 + c * 100 + h * 10 + w)
     ours, theirs = bn_pair(num_features=c, affine=affine, momentum=momentum,
                            track_running_stats=track)
+    ours, theirs, tol = ours.to(dtype), theirs.to(dtype), TOLS[dtype]
+    # a parameter's gradient sums `count` values, each off by up to a
+    # step of bfloat16 in PyTorch's kernel: 2**-6 sqrt(count)
+    param_tol = (dict(atol=2 ** -6 * count ** 0.5, rtol=2 ** -6)
+                 if dtype == torch.bfloat16 else tol)
     for _ in range(4):  # running statistics accumulate over steps
-        x = torch.randn(n, c, h, w) * 3 + 1
+        x = (torch.randn(n, c, h, w) * 3 + 1).to(dtype)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y1, y2 = ours(x1), theirs(x2)
-        torch.testing.assert_close(y1, y2, **TOL)
-        upstream = torch.randn(y1.shape)
+        torch.testing.assert_close(y1, y2, **tol)
+        upstream = torch.randn(y1.shape).to(dtype)
         (y1 * upstream).sum().backward()
         (y2 * upstream).sum().backward()
-        torch.testing.assert_close(x1.grad, x2.grad, **TOL)
+        torch.testing.assert_close(x1.grad, x2.grad, **tol)
         if affine:
             torch.testing.assert_close(ours.weight.grad, theirs.weight.grad,
-                                       **TOL)
+                                       **param_tol)
             torch.testing.assert_close(ours.bias.grad, theirs.bias.grad,
-                                       **TOL)
+                                       **param_tol)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], **TOL)
+    for key in a:  # values and dtypes: each buffer keeps the module's
+        torch.testing.assert_close(a[key], b[key], **tol)
     ours.eval(), theirs.eval()
-    x = torch.randn(n, c, h, w)
-    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    x = torch.randn(n, c, h, w).to(dtype)
+    torch.testing.assert_close(ours(x), theirs(x), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_and_pool_layers_equal_torch_in_every_dtype(dtype):
+    torch.manual_seed(0)
+    tol = TOLS[dtype]
+    ours = Conv2d(6, 9, 3, stride=2, padding=1, groups=3)
+    theirs = nn.Conv2d(6, 9, 3, stride=2, padding=1, groups=3)
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    x = torch.randn(2, 6, 11, 10).to(dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), theirs(x2)
+    assert y1.dtype == dtype
+    torch.testing.assert_close(y1, y2, **tol)
+    upstream = torch.randn(y1.shape).to(dtype)
+    (y1 * upstream).sum().backward()
+    (y2 * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    # a weight's gradient sums 2 * 6 * 5 = 60 products
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad,
+                               **(tol if dtype != torch.bfloat16 else
+                                  dict(atol=2 ** -6 * 60 ** 0.5,
+                                       rtol=2 ** -6)))
+    pools = [(MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1)),
+             (AvgPool2d(3, 2, 1), nn.AvgPool2d(3, 2, 1)),
+             (AvgPool2d(3, 1, 1, count_include_pad=False),
+              nn.AvgPool2d(3, 1, 1, count_include_pad=False))]
+    # no ties within a channel, or max pooling's gradient may pick either
+    # of two equal values (bfloat16 has only 256 numbers per octave): each
+    # channel holds 0, 1, ..., 109 in random order, exact in every dtype
+    x = torch.rand(12, 110).argsort(dim=1).view(2, 6, 11, 10).to(dtype) / 16
+    for ours, theirs in pools:
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = ours(x1), theirs(x2)
+        assert y1.dtype == dtype
+        torch.testing.assert_close(y1, y2, **tol)
+        y1.sum().backward()
+        y2.sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_resnet_trains_a_step_in_every_dtype(dtype):
+    torch.manual_seed(0)
+    model = ResNet(ResNetConfig(stem_channels=8, widths=(8, 16),
+                                blocks=(1, 1))).to(dtype)
+    logits = model(torch.rand(4, 28, 28).to(dtype))  # (4, 10)
+    assert logits.dtype == dtype and logits.shape == (4, 10)
+    F.cross_entropy(logits.float(), torch.arange(4)).backward()
+    assert all(p.grad.dtype == dtype for p in model.parameters())
+    buffers = [b for name, b in model.named_buffers()
+               if name.endswith("running_var")]
+    assert buffers and all(b.dtype == dtype for b in buffers)
 
 
 def test_batchnorm2d_statistics_run_over_batch_and_positions():
@@ -388,8 +466,10 @@ def test_everything_runs_on_cuda():
 
 
 def test_recorded_full_run_reaches_99_percent():
-    record = json.loads(RESULTS.read_text())
-    assert record["command"] == "python -m cave.classical.cnn --full"
+    record = load_results("cnn")
+    # recorded before `cave run cnn --full` existed; either command is it
+    assert record["command"] in ("python -m cave.classical.cnn --full",
+                                 "cave run cnn --full")
     assert record["best_val_acc"] >= 0.99
     assert record["train"] == {**RECIPE.__dict__,
                                "device": record["train"]["device"]}
@@ -403,8 +483,26 @@ def test_recorded_full_run_reaches_99_percent():
     assert len(record["stem_filters"]) == ResNetConfig().stem_channels
 
 
-def test_full_flag_refuses_changed_recipe():
-    from cave.classical.cnn import main
+def test_full_run_returns_a_json_record(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8,
+                           generator=g)
+    labels = torch.randint(0, 10, (96,), generator=g)
+    monkeypatch.setattr(cnn, "mnist_split", lambda seed=0: (
+        (images[:64], labels[:64]), (images[64:], labels[64:])))
+    record = full_run("cpu", epochs=1, batch_size=32)
+    json.dumps(record)  # serialisable as it is
+    assert record["device"] == "cpu"
+    assert record["train"] == {**RECIPE.__dict__, "epochs": 1,
+                               "batch_size": 32, "device": "cpu"}
+    assert len(record["history"]["val_acc"]) == 1
+    assert len(record["stem_filters"]) == ResNetConfig().stem_channels
+    assert not {"command", "torch", "date", "threads", "cpus"} & set(record)
 
-    with pytest.raises(SystemExit):
-        main(["--full", "--epochs", "3"])
+
+def test_full_run_checks_its_overrides_before_training():
+    with pytest.raises(ValueError, match=r"unknown override.*\['epoch'\]"
+                       r".*'label_smoothing'"):
+        full_run("cpu", epoch=3)
+    with pytest.raises(TypeError, match="epochs='3'"):
+        full_run("cpu", epochs="3")

@@ -1,18 +1,41 @@
-"""The deep-networks chapter: batch norm, dropout and Adam equal PyTorch's."""
+"""The deep-networks chapter: batch norm, dropout and Adam equal PyTorch's,
+in float32, float64 and bfloat16."""
+
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import cave.fundamentals.deep_networks as deep_networks
+from cave.fundamentals.checkpoints import override_config
 from cave.fundamentals.deep_networks import (MLP, Adam, BatchNorm1d, Dropout,
                                              MLPConfig, TrainConfig,
-                                             evaluate, one_cycle_lr,
+                                             evaluate, full_run,
+                                             one_cycle_lr,
                                              random_shift, train)
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32, sums in a different order
+# The same comparisons in each dtype a module can be converted to with
+# .to(dtype). float64: sums in a different order, 2**29 times finer than
+# float32. bfloat16: both sides compute in float32 and round the result to
+# bfloat16 (8 significant bits), so a value lands on the same bfloat16
+# number or a neighbour: two steps (2 * 2**-7 relative), and 2**-8 absolute
+# for values near zero.
+TOLS = {torch.float32: TOL,
+        torch.float64: dict(atol=1e-12, rtol=1e-12),
+        torch.bfloat16: dict(atol=2 ** -8, rtol=2 ** -6)}
+# nn.BatchNorm1d's bfloat16 kernel is rougher: it rounds the batch mean and
+# 1/std to bfloat16 (ours keeps them in float32), which moves each
+# normalised value by up to about 2**-8 (|x_hat| + |mean| / std). So in
+# bfloat16 batch norm is held to two steps at 1 (2**-6 absolute), and a
+# parameter's gradient, a sum over `count` such values, to 2**-6 times
+# sqrt(count), the size of a sum of count independent rounding errors.
+BN_BF16 = dict(atol=2 ** -6, rtol=2 ** -6)
+DTYPES = list(TOLS)
 
 
 def pair(**kwargs):
@@ -25,42 +48,79 @@ def pair(**kwargs):
     return ours, theirs
 
 
-def assert_same_state(ours, theirs):
+def assert_same_state(ours, theirs, tol=TOL):
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], **TOL)
+    for key in a:  # assert_close checks the dtypes too
+        torch.testing.assert_close(a[key], b[key], **tol)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(n=st.integers(2, 16), c=st.integers(1, 8),
        length=st.one_of(st.none(), st.integers(1, 5)),
        affine=st.booleans(), track=st.booleans(),
-       momentum=st.sampled_from([0.1, 0.5, None]))
-def test_batchnorm_equals_torch(n, c, length, affine, track, momentum):
+       momentum=st.sampled_from([0.1, 0.5, None]),
+       dtype=st.sampled_from(DTYPES))
+def test_batchnorm_equals_torch(n, c, length, affine, track, momentum,
+                                dtype):
+    shape = (n, c) if length is None else (n, c, length)
+    # nn.BatchNorm1d's bfloat16 kernel rounds the batch mean and 1/std to
+    # bfloat16 (ours keeps them in float32); with 2 to 7 values per
+    # feature its batch statistics are too rough to agree to two steps
+    # (test_batchnorm_bfloat16_is_closer_to_the_truth covers those)
+    assume(dtype != torch.bfloat16 or n * (length or 1) >= 8)
     torch.manual_seed(n * 100 + c)
     ours, theirs = pair(num_features=c, affine=affine, momentum=momentum,
                         track_running_stats=track)
-    shape = (n, c) if length is None else (n, c, length)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    tol = BN_BF16 if dtype == torch.bfloat16 else TOLS[dtype]
+    count = n * (length or 1)  # values per feature
+    param_tol = (dict(atol=2 ** -6 * count ** 0.5, rtol=2 ** -6)
+                 if dtype == torch.bfloat16 else tol)
     for _ in range(4):  # several training steps: running stats accumulate
-        x = torch.randn(shape) * 3 + 1
+        x = (torch.randn(shape) * 3 + 1).to(dtype)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y1, y2 = ours(x1), theirs(x2)
-        torch.testing.assert_close(y1, y2, **TOL)
-        w = torch.randn(shape)
+        torch.testing.assert_close(y1, y2, **tol)
+        w = torch.randn(shape).to(dtype)
         (y1 * w).sum().backward()
         (y2 * w).sum().backward()
-        torch.testing.assert_close(x1.grad, x2.grad, **TOL)
+        torch.testing.assert_close(x1.grad, x2.grad, **tol)
         if affine:
             torch.testing.assert_close(ours.weight.grad, theirs.weight.grad,
-                                       **TOL)
+                                       **param_tol)
             torch.testing.assert_close(ours.bias.grad, theirs.bias.grad,
-                                       **TOL)
-    assert_same_state(ours, theirs)
+                                       **param_tol)
+    assert_same_state(ours, theirs, tol)
     ours.eval(), theirs.eval()
-    x = torch.randn(shape)
-    torch.testing.assert_close(ours(x), theirs(x), **TOL)
-    assert_same_state(ours, theirs)  # evaluation changes no buffer
+    x = torch.randn(shape).to(dtype)
+    torch.testing.assert_close(ours(x), theirs(x), **tol)
+    assert_same_state(ours, theirs, tol)  # evaluation changes no buffer
+
+
+def test_batchnorm_float64_computes_in_float64():
+    # far from zero: float32 statistics would be off by about 1e-3 here
+    x = 1e4 + torch.randn(64, 3, dtype=torch.float64)  # (N, C)
+    ours, theirs = BatchNorm1d(3).double(), nn.BatchNorm1d(3).double()
+    far = dict(atol=1e-9, rtol=1e-9)  # x - mean loses 4 of float64's 16
+    torch.testing.assert_close(ours(x), theirs(x), **far)  # digits
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean,
+                               **far)
+    assert ours.running_var.dtype == torch.float64
+
+
+def test_batchnorm_bfloat16_is_closer_to_the_truth():
+    # two values per feature: the case nn.BatchNorm1d's bfloat16 kernel
+    # rounds worst, because it keeps the batch mean and 1/std in bfloat16
+    x = torch.tensor([[3.765625], [2.59375]], dtype=torch.bfloat16)
+    z = x.double()
+    truth = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+    ours = BatchNorm1d(1, affine=False).bfloat16()(x)
+    theirs = nn.BatchNorm1d(1, affine=False).bfloat16()(x)
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_theirs = (theirs.double() - truth).abs().max().item()
+    assert err_ours <= 2 ** -8 < err_theirs  # ours: one rounding at most
+    torch.testing.assert_close(ours, theirs, atol=2 ** -5, rtol=0)
 
 
 def test_batchnorm_running_stats_use_unbiased_variance():
@@ -138,6 +198,20 @@ def test_dropout_eval_identity_and_edges():
             Dropout(p)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_matches_torch_in_every_dtype(dtype):
+    torch.manual_seed(0)
+    x = torch.full((500, 1000), 3.0, dtype=dtype)
+    for p in [0.1, 0.3]:
+        ours, theirs = Dropout(p)(x), nn.Dropout(p)(x)
+        assert ours.dtype == theirs.dtype == dtype
+        assert abs((ours == 0).float().mean().item() - p) < 0.005
+        # survivors are the very numbers nn.Dropout gives: x times
+        # 1/(1-p) rounded to x's dtype, not x / (1-p) rounded once
+        assert torch.equal(ours[ours != 0].unique(),
+                           theirs[theirs != 0].unique())
+
+
 def test_dropout_gradient_is_the_mask():
     torch.manual_seed(0)
     x = torch.randn(100, 50, requires_grad=True)
@@ -146,29 +220,34 @@ def test_dropout_gradient_is_the_mask():
     torch.testing.assert_close(x.grad, (y != 0).float() * 2.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("betas", [(0.9, 0.999), (0.5, 0.9)])
-def test_adam_equals_torch(weight_decay, betas):
+def test_adam_equals_torch(weight_decay, betas, dtype):
+    # the same operations in the same order: equal in every dtype (they
+    # agree to the last bit today; the tolerance is the dtype's)
     torch.manual_seed(0)
+    tol = TOLS[dtype]
     shapes = [(3,), (4, 5), (2, 3, 4), ()]
-    ps = [torch.randn(s) for s in shapes]
+    ps = [torch.randn(s).to(dtype) for s in shapes]
     ours = [p.clone().requires_grad_() for p in ps]
     theirs = [p.clone().requires_grad_() for p in ps]
     kw = dict(lr=1e-2, betas=betas, eps=1e-8, weight_decay=weight_decay)
     opt1, opt2 = Adam(ours, **kw), torch.optim.Adam(theirs, **kw)
     for step in range(25):
-        grads = [torch.randn(s) * (step + 1) for s in shapes]
+        grads = [(torch.randn(s) * (step + 1)).to(dtype) for s in shapes]
         for params, opt in [(ours, opt1), (theirs, opt2)]:
             opt.zero_grad()
             sum((p * g).sum() + (p ** 2).sum() for p, g
                 in zip(params, grads)).backward()
             opt.step()
         for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(a, b, **tol)
     for a, b in zip(ours, theirs):
         s1, s2 = opt1.state[a], opt2.state[b]
-        torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"])
-        torch.testing.assert_close(s1["exp_avg_sq"], s2["exp_avg_sq"])
+        torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"], **tol)
+        torch.testing.assert_close(s1["exp_avg_sq"], s2["exp_avg_sq"],
+                                   **tol)
         assert s1["step"] == int(s2["step"]) == 25
 
 
@@ -288,3 +367,59 @@ def test_mnist_training_beats_chance():
                     TrainConfig(epochs=2, max_shift=0))
     assert history.best_val_acc > 0.9
     assert history.best_epoch in (0, 1)
+
+
+def test_evaluate_restores_each_layers_own_mode():
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden=(16,)))
+    model.layers[1].eval()  # one layer already in evaluation mode
+    modes = [m.training for m in model.modules()]
+    images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (10,))
+    evaluate(model, images, labels)
+    assert [m.training for m in model.modules()] == modes
+
+    def broken(x):
+        assert not model.training  # evaluation inside
+        raise RuntimeError("a forward that fails")
+
+    model.forward = broken
+    with pytest.raises(RuntimeError, match="fails"):
+        evaluate(model, images, labels)
+    assert [m.training for m in model.modules()] == modes  # even then
+
+
+def test_train_config_checks_its_fields():
+    for bad in [dict(epochs=0), dict(batch_size=0), dict(lr=0.0),
+                dict(warmup=1.5), dict(label_smoothing=1.0),
+                dict(max_shift=-1)]:
+        with pytest.raises(ValueError, match=str(list(bad.values())[0])):
+            TrainConfig(**bad)
+
+
+def test_override_config_names_the_fields_and_types():
+    config = override_config(TrainConfig(), {"epochs": 3, "lr": 1})
+    assert config.epochs == 3 and config.lr == 1 and TrainConfig().epochs == 15
+    with pytest.raises(ValueError, match=r"\['epoch'\].*'batch_size'"):
+        override_config(TrainConfig(), {"epoch": 3})
+    with pytest.raises(TypeError, match="epochs='3': expected a int"):
+        override_config(TrainConfig(), {"epochs": "3"})
+    with pytest.raises(TypeError, match="bf16=1: expected a bool"):
+        override_config(TrainConfig(), {"bf16": 1})
+
+
+def test_full_run_returns_a_json_record(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (160, 28, 28), dtype=torch.uint8,
+                           generator=g)
+    labels = torch.randint(0, 10, (160,), generator=g)
+    monkeypatch.setattr(deep_networks, "mnist_split", lambda seed=0: (
+        (images[:128], labels[:128]), (images[128:], labels[128:])))
+    record = full_run("cpu", epochs=1, batch_size=64, bf16=False)
+    json.dumps(record)  # serialisable as it is
+    assert record["device"] == "cpu" and record["train"]["epochs"] == 1
+    assert len(record["history"]["val_acc"]) == 1
+    assert record["best_epoch"] == 1
+    assert not {"command", "torch", "date", "threads", "cpus"} & set(record)
+    with pytest.raises(ValueError, match="unknown override"):
+        full_run("cpu", epoch=1)

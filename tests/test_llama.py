@@ -24,6 +24,11 @@ import transformers  # noqa: E402  (a test requirement: never skip)
 
 F32 = {"rtol": 1e-5, "atol": 1e-5}
 F64 = {"rtol": 1e-10, "atol": 1e-10}
+# bfloat16 keeps 8 significant bits: a step is 2**-7 relative. Two sides
+# that compute alike in float32 and round differently differ by a step or
+# two; 2**-6 absolute covers results near zero out of larger terms.
+BF16 = {"rtol": 2 ** -6, "atol": 2 ** -6}
+TOLS = {torch.float32: F32, torch.float64: F64, torch.bfloat16: BF16}
 FAST = settings(max_examples=int(os.environ.get("CAVE_EXAMPLES", 20)),
                 deadline=None, derandomize=True)
 
@@ -114,6 +119,29 @@ def test_rmsnorm_keeps_bfloat16_and_checks_its_input():
     with pytest.raises(ValueError, match=r"expected last dimension 8, "
                                          r"got \(3, 7\)"):
         L.RMSNorm(8)(torch.randn(3, 7))
+
+
+def test_rmsnorm_in_bfloat16_is_one_step_from_nn_rmsnorm():
+    # both normalise in float32; ours (like Meta's and Hugging Face's code)
+    # rounds to bfloat16 before the gain and after, nn.RMSNorm once: the
+    # outputs differ by at most one step of bfloat16, 2**-7 relative
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 7, 16, generator=gen) * 3).bfloat16()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = L.RMSNorm(16).bfloat16(), nn.RMSNorm(16, eps=1e-5).bfloat16()
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16, generator=gen))
+        ref.weight.copy_(ours.weight)
+    y1, y2 = ours(x1), ref(x2)
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y1, y2, rtol=2 ** -7, atol=0)
+    g = torch.randn(y1.shape, generator=gen).bfloat16()
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, **BF16)
+    # the gain's gradient sums 448 products: sqrt(448) steps at most
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad,
+                               rtol=2 ** -6, atol=2 ** -6 * 448 ** 0.5)
 
 
 # --------------------------------------------------------------------------
@@ -219,6 +247,28 @@ def test_grouped_query_is_multi_head_with_copied_kv_heads(n_kv):
     for fast in (True, False):
         gqa.fast = fast
         torch.testing.assert_close(gqa(x, cos, sin), want, **F32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_attention_equals_multihead_attention_in_every_dtype(dtype):
+    cfg = tiny(n_kv_heads=4)
+    attn = L.Attention(cfg)
+    ref = nn.MultiheadAttention(32, 4, bias=False, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([attn.wq.weight, attn.wk.weight,
+                                            attn.wv.weight]))
+        ref.out_proj.weight.copy_(attn.wo.weight)
+    attn, ref = attn.to(dtype), ref.to(dtype)
+    x = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(1))
+    x = x.to(dtype)
+    mask = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    want, _ = ref(x, x, x, attn_mask=mask, need_weights=False)
+    identity = torch.ones(9, 4), torch.zeros(9, 4)  # RoPE switched off
+    for fast in (True, False):
+        attn.fast = fast
+        got = attn(x, *identity)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want, **TOLS[dtype])
 
 
 def test_repeat_kv_is_repeat_interleave():
@@ -531,6 +581,41 @@ def export_hf(model):
     state, config = L.export_hf(model)
     assert set(state) == set(L._hf_names(model.config.n_layers).values())
     return state, config
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_import_from_transformers_same_logits_in_every_dtype(dtype):
+    ref = hf_model(32, 2, 4, 2, False, 10000.0)
+    ours = L.import_hf(ref.state_dict(),
+                       json.loads(ref.config.to_json_string()))
+    ref, ours = ref.to(dtype), ours.to(dtype).eval()
+    x = ids(2, 40, V=53)
+    with torch.no_grad():
+        want = ref(x).logits
+        got = ours(x)[0]
+        assert got.dtype == dtype
+        # float64: Hugging Face's RMSNorm computes in float32 even for a
+        # float64 model (ours keeps float64), so the two agree to float32
+        # rounding, not float64's; bfloat16: as BF16 says
+        tol = F32 if dtype == torch.float64 else BF16
+        torch.testing.assert_close(got, want, **tol)
+        ours.layers[0].attention.fast = False  # the readable path too
+        torch.testing.assert_close(ours(x)[0], want, **tol)
+        cache = ours.new_cache(2)
+        assert cache.k[0].dtype == dtype
+        logits, _ = ours(x[:, :5], cache=cache)
+        torch.testing.assert_close(logits, ours(x[:, :5])[0],
+                                   **TOLS[dtype])
+
+
+def test_generate_and_beam_search_restore_each_layers_mode():
+    model = L.Llama(tiny())
+    model.train()
+    model.layers[0].eval()  # one block already in evaluation mode
+    modes = [m.training for m in model.modules()]
+    L.generate(model, ids(1, 3), 2)
+    L.beam_search(model, ids(1, 3), 2, beam_width=2)
+    assert [m.training for m in model.modules()] == modes
 
 
 def test_greedy_generation_matches_transformers():

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Break the network
 #
-# The [deep networks chapter](../../fundamentals/deep_networks/) trained a
+# The [deep networks chapter](../fundamentals/deep_networks.md) trained a
 # multi-layer perceptron past 97 % validation accuracy with a recipe:
 # Kaiming initialisation, batch normalisation, dropout, Adam and a
 # one-cycle learning-rate schedule. A recipe is easier to trust once you
@@ -21,6 +21,7 @@ import torch
 
 from cave.fundamentals.data import mnist_split
 from cave.fundamentals.deep_networks import MLP, MLPConfig, TrainConfig, train
+from cave.fundamentals.essentials import seed_everything, smooth
 
 lab_start = time.perf_counter()
 (train_x, train_y), (val_x, val_y) = mnist_split(seed=0)
@@ -49,7 +50,7 @@ histories = {}
 for name, (model_changes, train_changes) in experiments.items():
     model_config = MLPConfig(**{**vars(base_model), **model_changes})
     train_config = TrainConfig(**{**vars(base_train), **train_changes})
-    torch.manual_seed(0)
+    seed_everything(0)
     model = MLP(model_config)
     history = train(model, (train_x, train_y), (val_x, val_y), train_config)
     histories[name] = history
@@ -66,19 +67,11 @@ for name, (model_changes, train_changes) in experiments.items():
 # magnitude apart), and the validation accuracy after each epoch.
 
 # %%
-def smooth(values, width=20):
-    """Moving average over `width` steps (shorter at the start)."""
-    v = torch.tensor(values)
-    c = torch.cat([torch.zeros(1), v.cumsum(0)])
-    start = (torch.arange(len(v)) + 1 - width).clamp(min=0)
-    return (c[1:] - c[start]) / (torch.arange(len(v)) + 1 - start)
-
-
 fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
 for name, history in histories.items():
     steps_per_epoch = len(history.step_loss) / len(history.val_acc)
     where = (torch.arange(len(history.step_loss)) + 1) / steps_per_epoch
-    ax_loss.plot(where.tolist(), smooth(history.step_loss).tolist(),
+    ax_loss.plot(where.tolist(), smooth(history.step_loss, window=20),
                  label=name)
     epochs = range(1, len(history.val_acc) + 1)
     ax_acc.plot(epochs, [100 * a for a in history.val_acc], "o-",

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Break the CNN
 #
-# The [CNN chapter](../../classical/cnn/) trained a small ResNet past 99 %
+# The [CNN chapter](../classical/cnn.md) trained a small ResNet past 99 %
 # on 8,000 digits, and measured that a plain network of 21 convolutions
 # trains slower than the same network with shortcuts. Two ingredients held
 # that network up: **batch norm** after every convolution and **residual**
@@ -23,6 +23,7 @@ import torch
 from cave.classical.cnn import ResNet, ResNetConfig, avg_pool2d
 from cave.fundamentals.data import mnist_split
 from cave.fundamentals.deep_networks import TrainConfig, train
+from cave.fundamentals.essentials import seed_everything, smooth
 
 lab_start = time.perf_counter()
 (train_x, train_y), (val_x, val_y) = mnist_split(seed=0)
@@ -59,7 +60,7 @@ histories = {}
 for name, changes in experiments.items():
     config = ResNetConfig(stem_channels=16, widths=(16, 32), blocks=(4, 4),
                           **changes)
-    torch.manual_seed(0)
+    seed_everything(0)
     model = ResNet(config)
     history = train(model, train_data, val_data, schedule)
     histories[name] = history
@@ -73,18 +74,10 @@ for name, changes in experiments.items():
 # Every step's training loss, smoothed over 8 steps, on a log scale.
 
 # %%
-def smooth(values, width=8):
-    """Moving average over `width` steps (shorter at the start)."""
-    v = torch.tensor(values)
-    c = torch.cat([torch.zeros(1), v.cumsum(0)])
-    start = (torch.arange(len(v)) + 1 - width).clamp(min=0)
-    return (c[1:] - c[start]) / (torch.arange(len(v)) + 1 - start)
-
-
 fig, ax = plt.subplots(figsize=(8, 4.2))
 for (name, history), style in zip(histories.items(),
                                   ["-", "-", "--", "--"]):
-    ax.plot(smooth(history.step_loss).tolist(), style, label=name, lw=1.6)
+    ax.plot(smooth(history.step_loss, window=8), style, label=name, lw=1.6)
 ax.set_yscale("log")
 ax.set_xlabel("step")
 ax.set_ylabel("training loss (smoothed)")

@@ -2,6 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
+# § Convolutional networks (docs/classical/cnn.md:24)
 """Convolutional networks: convolution, pooling and batch norm from scratch.
 
 The chapter docs/classical/cnn.md builds, in order:
@@ -15,32 +16,27 @@ The chapter docs/classical/cnn.md builds, in order:
     BatchNorm2d             batch norm over channels, = nn.BatchNorm2d
     receptive_field         how much of the input one unit can see
     ResidualBlock, ResNet   a small ResNet configured by ResNetConfig
-    main                    `python -m cave.classical.cnn --full` trains
-                            the recipe and records it in _results/cnn.json
+    full_run                the recipe on the book's MNIST split, as a
+                            record: `cave run cnn --full` writes it to
+                            _results/cnn.json
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import math
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cave
+from cave.fundamentals.checkpoints import override_config
 from cave.fundamentals.data import mnist_split
-from cave.fundamentals.deep_networks import (BatchNorm1d, History,
-                                             TrainConfig, evaluate,
-                                             pick_device, train)
+from cave.fundamentals.deep_networks import BatchNorm1d, TrainConfig, train
+from cave.fundamentals.essentials import pick_device, seed_everything
 
 
+# § im2col: a convolution is one matrix product (docs/classical/cnn.md:166)
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, as the pair (height, width), checked."""
     pair = (value, value) if isinstance(value, int) else value
@@ -99,6 +95,7 @@ def unfold(x: torch.Tensor, kernel_size, dilation=1, padding=0,
     return columns.view(len(columns), len(x), Ho * Wo).transpose(0, 1)
 
 
+# § The convolution (docs/classical/cnn.md:259)
 def conv2d(x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
@@ -140,6 +137,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor,
     return y
 
 
+# § The layer (docs/classical/cnn.md:346)
 class Conv2d(nn.Module):
     """A convolutional layer on conv2d; interchangeable with nn.Conv2d."""
 
@@ -188,6 +186,7 @@ class Conv2d(nn.Module):
                 f"groups={self.groups}, bias={self.bias is not None}")
 
 
+# § Pooling (docs/classical/cnn.md:446)
 def _pool_windows(x: torch.Tensor, kernel_size, stride, padding,
                   dilation, pad_value: float, name: str):
     """Each channel's windows as columns: (kh * kw, N * C * L), (Ho, Wo)."""
@@ -265,6 +264,7 @@ class AvgPool2d(nn.Module):
                 f"count_include_pad={self.count_include_pad}")
 
 
+# § Batch normalisation for images (docs/classical/cnn.md:578)
 class BatchNorm2d(BatchNorm1d):
     """Batch norm of (N, C, H, W): statistics per channel over N, H, W.
 
@@ -281,6 +281,7 @@ class BatchNorm2d(BatchNorm1d):
         return y.view(N, C, H, W)
 
 
+# § Receptive fields (docs/classical/cnn.md:643)
 def receptive_field(layers) -> list[tuple[int, int]]:
     """(size, jump) after each layer of a chain of (kernel, stride,
     dilation) triples, the input's side first: r += (k - 1) d j; j *= s."""
@@ -292,6 +293,7 @@ def receptive_field(layers) -> list[tuple[int, int]]:
     return fields
 
 
+# § Residual blocks (docs/classical/cnn.md:738)
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions, each with batch norm, and a shortcut.
 
@@ -328,6 +330,7 @@ class ResidualBlock(nn.Module):
         return F.relu(h)
 
 
+# § A small ResNet (docs/classical/cnn.md:789)
 @dataclasses.dataclass
 class ResNetConfig:
     in_channels: int = 1  # MNIST digits are grey
@@ -424,6 +427,7 @@ class ResNet(nn.Module):
         return self.head(self.dropout(h))  # (B, classes)
 
 
+# § Training on MNIST (docs/classical/cnn.md:1014)
 RECIPE = TrainConfig(
     epochs=15,  # 20 gained about 0.1 % (2 digits) for a third more time
     batch_size=128,  # 63 steps an epoch; batch norm wants >= 32
@@ -432,66 +436,32 @@ RECIPE = TrainConfig(
     max_shift=2,  # random shifts: the cheapest cure for 8,000 digits
     bf16=True,  # the matrix products in bfloat16: faster on CPU and GPU
 )
-RESULTS = Path(cave.__file__).resolve().parent / "_results" / "cnn.json"
-FULL_COMMAND = "python -m cave.classical.cnn --full"
 
 
-def full_run(model_config: ResNetConfig = ResNetConfig(),
-             train_config: TrainConfig = RECIPE) -> dict:
-    """Train the recipe on the book's MNIST split; return its record."""
+# § The full run (docs/classical/cnn.md:1059)
+def full_run(device: str | None = None, **overrides) -> dict:
+    """Train the recipe on the book's MNIST split; return its record.
+
+    overrides: fields of TrainConfig (epochs=1, seed=1). The record holds
+    the history, the configurations, the device and the trained stem's
+    filters; it is written by the caller, not here.
+    """
+    config = override_config(dataclasses.replace(RECIPE, device=device),
+                             overrides)
+    model_config = ResNetConfig()
     train_data, val_data = mnist_split(seed=0)
-    torch.manual_seed(train_config.seed)
+    seed_everything(config.seed)
     model = ResNet(model_config)
-    history = train(model, train_data, val_data, train_config)
+    history = train(model, train_data, val_data, config)
     filters = model.stem[0].weight.detach().float().cpu()  # (C, 1, k, k)
     return {
-        "command": FULL_COMMAND,
         "best_val_acc": history.best_val_acc,
-        "best_epoch": history.best_epoch + 1,
+        "best_epoch": history.best_epoch + 1,  # 1-based, as printed
         "seconds": history.seconds[-1],
-        "device": str(pick_device(train_config.device)),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(pick_device(config.device)),
         "model": dataclasses.asdict(model_config),
-        "train": dataclasses.asdict(train_config),
+        "train": dataclasses.asdict(config),
         "history": dataclasses.asdict(history),
         "stem_filters": [[round(v, 5) for v in f.flatten().tolist()]
                          for f in filters],  # for the chapter's figure
     }
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m cave.classical.cnn",
-        description="Train the chapter's ResNet on the book's MNIST split.")
-    parser.add_argument("--full", action="store_true",
-                        help=f"run the recipe and record it in {RESULTS}")
-    parser.add_argument("--epochs", type=int, default=RECIPE.epochs)
-    parser.add_argument("--seed", type=int, default=RECIPE.seed)
-    parser.add_argument("--device", default=None, help="cpu, cuda, ...")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the record to this file")
-    args = parser.parse_args(argv)
-    config = dataclasses.replace(RECIPE, epochs=args.epochs,
-                                 seed=args.seed, device=args.device)
-    if args.full and config != dataclasses.replace(RECIPE,
-                                                   device=args.device):
-        parser.error("--full runs the recipe as is: drop the other options")
-    record = full_run(ResNetConfig(), config)
-    if not args.full:
-        record["command"] = "python -m cave.classical.cnn " + " ".join(
-            sys.argv[1:] if argv is None else argv)
-    print(f"best validation accuracy {record['best_val_acc']:.2%} at epoch "
-          f"{record['best_epoch']}, {record['seconds']:.0f} s on "
-          f"{record['device']}")
-    target = RESULTS if args.full else args.json
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(record, indent=1))
-        print(f"recorded in {target}")
-    return record
-
-
-if __name__ == "__main__":
-    main()

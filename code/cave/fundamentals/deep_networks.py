@@ -2,6 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
+# § Deep networks (docs/fundamentals/deep_networks.md:17)
 """Deep networks: an MLP with batch norm, dropout and Adam, from scratch.
 
 The chapter docs/fundamentals/deep_networks.md builds, in order:
@@ -11,28 +12,28 @@ The chapter docs/fundamentals/deep_networks.md builds, in order:
     Adam          the Adam optimiser, equal to torch.optim.Adam
     MLP           a multi-layer perceptron configured by MLPConfig
     train         a training loop with validation and best-model keeping
+    full_run      the recipe on the book's MNIST split, as a record
 
-Run the recipe from the command line with
-`python -m cave.fundamentals.deep_networks`.
+`cave run deep_networks --full` runs the recipe and records it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cave.fundamentals.checkpoints import override_config
 from cave.fundamentals.data import mnist_split
-from cave.fundamentals.essentials import pick_device
+from cave.fundamentals.essentials import (eval_mode, pick_device,
+                                          seed_everything)
 
 
+# § Batch normalisation (docs/fundamentals/deep_networks.md:130)
 class BatchNorm1d(nn.Module):
     """Batch normalisation over (N, C) or (N, C, L) inputs.
 
@@ -81,25 +82,32 @@ class BatchNorm1d(nn.Module):
             raise ValueError(
                 "BatchNorm1d needs more than 1 value per feature to "
                 f"compute a batch variance, got input {tuple(x.shape)}")
-        z = x.float()  # statistics in float32, even under autocast
+        # statistics in float32 for bfloat16 and float16 inputs (autocast
+        # included), in float64 for float64 ones: never less than float32
+        z = x.to(torch.promote_types(x.dtype, torch.float32))
         if use_batch:
             mean = z.mean(dim=dims)  # (C,)
             var = z.var(dim=dims, unbiased=False)  # (C,) biased
-        else:
-            mean, var = self.running_mean, self.running_var  # (C,), (C,)
+        else:  # the buffers, in whatever dtype the module was given
+            mean = self.running_mean.to(z.dtype)  # (C,)
+            var = self.running_var.to(z.dtype)  # (C,)
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = (1.0 / float(self.num_batches_tracked)
                      if self.momentum is None else self.momentum)
                 unbiased = var * (count / (count - 1))  # (C,) Bessel
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(unbiased.detach(), m)
+                for buffer, batch in [(self.running_mean, mean),
+                                      (self.running_var, unbiased)]:
+                    # (1 - m) buffer + m batch at z's precision, rounded
+                    # once into the buffer's own dtype
+                    buffer.copy_(buffer.to(z.dtype).lerp(batch, m))
         shape = (1, -1) if x.ndim == 2 else (1, -1, 1)  # broadcast over C
         y = (z - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)  # same shape as x
+        if self.affine:  # gamma and beta at z's precision too
+            y = (y * self.weight.view(shape).to(z.dtype)
+                 + self.bias.view(shape).to(z.dtype))
+        return y.to(x.dtype)  # same shape and dtype as x
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, "
@@ -107,6 +115,7 @@ class BatchNorm1d(nn.Module):
                 f"track_running_stats={self.track_running_stats}")
 
 
+# § Dropout (docs/fundamentals/deep_networks.md:326)
 class Dropout(nn.Module):
     """Inverted dropout: zero with probability p, scale the rest by 1/(1-p).
 
@@ -126,12 +135,14 @@ class Dropout(nn.Module):
         if self.p == 1.0:  # everything dropped; avoid dividing by zero
             return torch.zeros_like(x)
         keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # like x
-        return x * keep / (1.0 - self.p)  # same shape as x
+        mask = keep.to(x.dtype) / (1.0 - self.p)  # 0 or 1/(1-p), x's dtype
+        return x * mask  # same shape and dtype as x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
+# § Adam (docs/fundamentals/deep_networks.md:403)
 class Adam(torch.optim.Optimizer):
     """Adam (Kingma and Ba, 2015), step for step equal to torch.optim.Adam.
 
@@ -166,7 +177,8 @@ class Adam(torch.optim.Optimizer):
                     continue
                 g = p.grad
                 if group["weight_decay"] != 0.0:
-                    g = g + group["weight_decay"] * p  # L2: lambda * theta
+                    # L2: g + lambda * theta, rounded once (as torch does)
+                    g = g.add(p, alpha=group["weight_decay"])
                 state = self.state[p]
                 if not state:  # first step: moments start at zero
                     state["step"] = 0
@@ -184,6 +196,7 @@ class Adam(torch.optim.Optimizer):
         return loss
 
 
+# § The multi-layer perceptron (docs/fundamentals/deep_networks.md:491)
 @dataclasses.dataclass
 class MLPConfig:
     in_features: int = 28 * 28  # an MNIST image, flattened
@@ -267,6 +280,7 @@ class MLP(nn.Module):
         return self.layers(x)  # (B, classes)
 
 
+# § Training, validation, and keeping the best model (docs/fundamentals/deep_networks.md:671)
 def one_cycle_lr(step: int, total: int, max_lr: float,
                  warmup: float = 0.2) -> float:
     """Linear warm-up over the first `warmup` of the steps, then cosine."""
@@ -306,6 +320,19 @@ class TrainConfig:
     seed: int = 0  # initial weights, batch order, dropout and shifts
     device: str | None = None  # None: "cuda" when available, else "cpu"
 
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got "
+                                 f"{getattr(self, name)}")
+        if not self.lr > 0 or not 0 <= self.warmup <= 1:
+            raise ValueError(f"expected lr > 0 and warmup in [0, 1], got "
+                             f"lr={self.lr}, warmup={self.warmup}")
+        if not 0 <= self.label_smoothing < 1 or self.max_shift < 0:
+            raise ValueError(f"expected label_smoothing in [0, 1) and "
+                             f"max_shift >= 0, got {self.label_smoothing} "
+                             f"and {self.max_shift}")
+
 
 @dataclasses.dataclass
 class History:
@@ -331,17 +358,16 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """(mean loss, accuracy, predictions) on uint8 images (N, H, W)."""
     check_images(images, labels)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, predictions = 0.0, []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float() / 255  # (b, H, W)
-        y = labels[i:i + batch_size].to(device)  # (b,)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            logits = model(x).float()  # (b, classes)
-        total += F.cross_entropy(logits, y, reduction="sum").item()
-        predictions.append(logits.argmax(dim=1).cpu())  # (b,)
-    model.train(was_training)
+    with eval_mode(model):  # each layer's own mode restored after
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(device).float() / 255
+            # x (b, H, W)
+            y = labels[i:i + batch_size].to(device)  # (b,)
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                logits = model(x).float()  # (b, classes)
+            total += F.cross_entropy(logits, y, reduction="sum").item()
+            predictions.append(logits.argmax(dim=1).cpu())  # (b,)
     predictions = torch.cat(predictions)  # (N,)
     accuracy = (predictions == labels.cpu()).float().mean().item()
     return total / len(images), accuracy, predictions
@@ -357,8 +383,8 @@ def train(model: nn.Module, train_data, val_data,
     images, labels = train_data
     check_images(images, labels)
     device = pick_device(config.device)
-    generator = torch.Generator().manual_seed(config.seed)  # order, shifts
-    torch.manual_seed(config.seed)  # dropout masks
+    generator = seed_everything(config.seed)  # dropout masks; the generator
+    # draws the batch order and the shifts
     model.to(device)
     x_all = images.to(device).float() / 255  # (N, H, W) in [0, 1]
     y_all = labels.to(device)  # (N,)
@@ -405,36 +431,26 @@ def train(model: nn.Module, train_data, val_data,
     return history
 
 
-def main(argv: list[str] | None = None) -> History:
-    parser = argparse.ArgumentParser(
-        prog="python -m cave.fundamentals.deep_networks",
-        description="Train the chapter's MLP on the book's MNIST split.")
-    defaults = TrainConfig()
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--no-bf16", action="store_true",
-                        help="train in float32")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ...")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the training history to this file")
-    args = parser.parse_args(argv)
-    config = TrainConfig(epochs=args.epochs, lr=args.lr, seed=args.seed,
-                         bf16=not args.no_bf16, device=args.device)
+# § From the command line (docs/fundamentals/deep_networks.md:954)
+def full_run(device: str | None = None, **overrides) -> dict:
+    """Train the recipe on the book's MNIST split; return its record.
+
+    overrides: fields of TrainConfig (epochs=30, seed=1, bf16=False).
+    The record holds the configurations, the history and the device; it
+    is written by the caller, not here.
+    """
+    config = override_config(TrainConfig(device=device), overrides)
+    device = pick_device(config.device)
     train_data, val_data = mnist_split(seed=0)
-    torch.manual_seed(args.seed)
+    seed_everything(config.seed)
     model = MLP(MLPConfig())
     history = train(model, train_data, val_data, config)
-    print(f"best validation accuracy {history.best_val_acc:.2%} at epoch "
-          f"{history.best_epoch + 1}, {history.seconds[-1]:.1f} s "
-          f"on {pick_device(config.device)}")
-    if args.json is not None:
-        record = {"train": dataclasses.asdict(config),
-                  "model": dataclasses.asdict(MLPConfig()),
-                  "history": dataclasses.asdict(history)}
-        args.json.write_text(json.dumps(record, indent=1))
-    return history
-
-
-if __name__ == "__main__":
-    main()
+    return {
+        "best_val_acc": history.best_val_acc,
+        "best_epoch": history.best_epoch + 1,  # 1-based, as printed
+        "seconds": history.seconds[-1],
+        "device": str(device),
+        "model": dataclasses.asdict(model.config),
+        "train": dataclasses.asdict(config),
+        "history": dataclasses.asdict(history),
+    }

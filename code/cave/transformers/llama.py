@@ -2,6 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
+# § LLaMA: a modern decoder, piece by piece (docs/transformers/llama.md:36)
 """LLaMA from scratch: the model, its KV cache, sampling, beam search, and
 conversion to and from the Hugging Face layout.
 
@@ -36,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cave.fundamentals.essentials import (cross_entropy, log_softmax,
+from cave.fundamentals.essentials import (cross_entropy, eval_mode,
+                                          log_softmax,
                                           scaled_dot_product_attention,
                                           softmax)
 
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 
+# § The configuration (docs/transformers/llama.md:110)
 @dataclasses.dataclass
 class LlamaConfig:
     vocab_size: int = 65  # Tiny Shakespeare's characters (the data
@@ -124,6 +127,7 @@ class LlamaConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
+# § RMSNorm (docs/transformers/llama.md:223)
 def at_least_float32(x: Tensor) -> Tensor:
     """x in float32, or in float64 if it is already: never less precise."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -153,6 +157,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+# § Rotary position embeddings (docs/transformers/llama.md:335)
 def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0
                 ) -> tuple[Tensor, Tensor]:
     """cos and sin of m * theta_i for each position m and pair i.
@@ -202,6 +207,7 @@ def apply_rope_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos2 + rotated * sin2).type_as(x)  # (..., T, d)
 
 
+# § Grouped-query attention (docs/transformers/llama.md:516)
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """(B, H_kv, S, d) -> (B, H_kv * n_rep, S, d): kv head j serves query
     heads j * n_rep ... (j + 1) * n_rep - 1, as repeat_interleave does."""
@@ -212,6 +218,7 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x.reshape(B, H_kv * n_rep, S, d)  # (B, H, S, d)
 
 
+# § The KV cache (docs/transformers/llama.md:543)
 class KVCache:
     """Keys and values of past positions, per layer, preallocated.
 
@@ -254,6 +261,7 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+# § The attention layer (docs/transformers/llama.md:610)
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -303,6 +311,7 @@ class Attention(nn.Module):
         return self.wo(y)  # (B, T, C)
 
 
+# § What grouping saves (docs/transformers/llama.md:720)
 def kv_cache_bytes(config: LlamaConfig, batch_size: int = 1,
                    seq_len: int | None = None,
                    dtype: torch.dtype = torch.bfloat16) -> int:
@@ -314,6 +323,7 @@ def kv_cache_bytes(config: LlamaConfig, batch_size: int = 1,
     return per_token * seq_len * batch_size * itemsize
 
 
+# § SwiGLU feed-forward (docs/transformers/llama.md:776)
 class FeedForward(nn.Module):
     """w2(silu(w1 x) * w3 x): SwiGLU, with no biases."""
 
@@ -329,6 +339,7 @@ class FeedForward(nn.Module):
         return self.drop(self.w2(gate * self.w3(x)))  # (..., dim)
 
 
+# § The block and the model (docs/transformers/llama.md:835)
 class Block(nn.Module):
     """x + attn(norm(x)), then + ffn(norm(.)): a pre-norm LLaMA block."""
 
@@ -425,6 +436,7 @@ class Llama(nn.Module):
         return generate(self, idx, max_new_tokens, **kwargs)
 
 
+# § Sampling: temperature, top-k, top-p (docs/transformers/llama.md:1030)
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """Logits below the k-th largest along the last dim set to -inf."""
     if not isinstance(k, int) or k < 1:
@@ -474,6 +486,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
+# § `generate` (docs/transformers/llama.md:1151)
 def _next_logits(model: nn.Module, idx: Tensor, cache: KVCache | None,
                  n_cached: int) -> Tensor:
     """Logits (B, V) after idx (B, T), reusing the n_cached cached tokens;
@@ -494,24 +507,25 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int,
              use_cache: bool = True) -> Tensor:
     """idx (B, T) -> (B, T + max_new_tokens), sampled by sample_next.
 
-    temperature=0 is greedy. The model is put in eval mode while it runs.
+    temperature=0 is greedy. The model is in eval mode while it runs, and
+    every layer back in its own mode after.
     """
     if idx.dim() != 2 or idx.shape[1] < 1:
         raise ValueError(f"generate expects prompts of shape (B, T) with "
                          f"T >= 1, got {tuple(idx.shape)}")
-    was_training = model.training
-    model.eval()
     cache = model.new_cache(idx.shape[0]) if use_cache else None
     n_cached = 0  # tokens whose keys and values the cache holds
-    for _ in range(max_new_tokens):
-        logits = _next_logits(model, idx, cache, n_cached)  # (B, V)
-        n_cached = idx.shape[1]
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)
-        idx = torch.cat([idx, next_id[:, None]], dim=1)  # (B, T + 1)
-    model.train(was_training)
+    with eval_mode(model):
+        for _ in range(max_new_tokens):
+            logits = _next_logits(model, idx, cache, n_cached)  # (B, V)
+            n_cached = idx.shape[1]
+            next_id = sample_next(logits, temperature, top_k, top_p,
+                                  generator)  # (B,)
+            idx = torch.cat([idx, next_id[:, None]], dim=1)  # (B, T + 1)
     return idx
 
 
+# § Beam search (docs/transformers/llama.md:1259)
 @torch.no_grad()
 def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int,
                 beam_width: int = 4, eos_id: int | None = None,
@@ -528,8 +542,6 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int,
     if not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam_width must be a positive int, "
                          f"got {beam_width!r}")
-    was_training = model.training
-    model.eval()
     W, T0 = beam_width, idx.shape[1]
     beams = idx.expand(W, T0).clone()  # (W, T)
     scores = torch.full((W,), float("-inf"), device=idx.device)  # (W,)
@@ -537,37 +549,39 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int,
     finished: list[tuple[float, Tensor]] = []  # (normalised score, ids)
     cache = model.new_cache(W) if use_cache else None
     n_cached, stopped = 0, False
-    for step in range(1, max_new_tokens + 1):
-        logits = _next_logits(model, beams, cache, n_cached)  # (W, V)
-        n_cached = beams.shape[1]
-        V = logits.shape[-1]
-        total = scores[:, None] + log_softmax(at_least_float32(logits), -1)
-        if eos_id is not None:
-            best = total.flatten().topk(W)  # the W best extensions
-            for s, flat in zip(best.values.tolist(), best.indices.tolist()):
-                if flat % V == eos_id and s > float("-inf"):
-                    ended = torch.cat([beams[flat // V],
-                                       idx.new_tensor([eos_id])])
-                    finished.append((s / step ** length_penalty, ended))
-            total[:, eos_id] = float("-inf")  # live beams go on
-            if len(finished) >= W:
-                stopped = True
-                break
-        top = total.flatten().topk(W)  # (W,) over W * V extensions
-        parent, token = top.indices // V, top.indices % V  # (W,) each
-        beams = torch.cat([beams[parent], token[:, None]], 1)  # (W, T + 1)
-        scores = top.values
-        if cache is not None:
-            cache.reorder(parent)
-    if not stopped:  # out of tokens: the live beams compete too
-        n = max(beams.shape[1] - T0, 1)
-        finished += [(s / n ** length_penalty, b) for s, b in
-                     zip(scores.tolist(), beams) if s > float("-inf")]
-    model.train(was_training)
+    with eval_mode(model):  # every layer back in its own mode after
+        for step in range(1, max_new_tokens + 1):
+            logits = _next_logits(model, beams, cache, n_cached)  # (W, V)
+            n_cached = beams.shape[1]
+            V = logits.shape[-1]
+            total = scores[:, None] + log_softmax(at_least_float32(logits), -1)
+            if eos_id is not None:
+                best = total.flatten().topk(W)  # the W best extensions
+                for s, flat in zip(best.values.tolist(),
+                                   best.indices.tolist()):
+                    if flat % V == eos_id and s > float("-inf"):
+                        ended = torch.cat([beams[flat // V],
+                                           idx.new_tensor([eos_id])])
+                        finished.append((s / step ** length_penalty, ended))
+                total[:, eos_id] = float("-inf")  # live beams go on
+                if len(finished) >= W:
+                    stopped = True
+                    break
+            top = total.flatten().topk(W)  # (W,) over W * V extensions
+            parent, token = top.indices // V, top.indices % V  # (W,) each
+            beams = torch.cat([beams[parent], token[:, None]], 1)  # (W, T + 1)
+            scores = top.values
+            if cache is not None:
+                cache.reorder(parent)
+        if not stopped:  # out of tokens: the live beams compete too
+            n = max(beams.shape[1] - T0, 1)
+            finished += [(s / n ** length_penalty, b) for s, b in
+                         zip(scores.tolist(), beams) if s > float("-inf")]
     score, tokens = max(finished, key=lambda pair: pair[0])
     return tokens[None], score
 
 
+# § The Hugging Face layout (docs/transformers/llama.md:1447)
 def permute_to_halves(w: Tensor, n_heads: int) -> Tensor:
     """Rows of a q or k projection (n_heads * d, in) from interleaved RoPE
     pairs to halves: in each head, rows 0, 2, 4, ... then 1, 3, 5, ..."""
