@@ -1,57 +1,123 @@
-"""How pytest runs the book: every Python fence of every chapter, once.
+"""How pytest runs the book: every Python fence of every page, once.
 
-pytest-markdown-docs collects the fences; three hooks here change how:
+pytest-markdown-docs collects each chapter's fences; this file changes how,
+through public hooks only:
 
-* its Markdown parser sees admonitions and content tabs flattened, so the
-  fences indented inside them are collected too;
+* the fences it collects are the book's own reading of the page
+  (`cave.book.fences`, the scanner the tangler, the runner and the site
+  use): the plugin's Markdown-parser hook gets a parser that answers with
+  them, so fences inside admonitions, tabs and collapsed blocks count;
 * each fence runs in its chapter's one namespace, after the fences above
   it, exactly once (a notebook's semantics at linear cost, where the
   plugin's `continuation` would re-run every earlier fence);
-* no `.py` file is imported to look for docstring fences: the book's code
-  is tested through its chapters and tests, not by accident of collection.
+* the labs (`docs/labs/*.py`) are collected cell by cell and run the same
+  way;
+* a page that ran completely leaves its record in docs/_outputs (if the
+  record was stale), and which records were stale when the session
+  started is kept for tests/test_structure.py to report;
+* no `.py` file is imported to look for docstring fences;
+* under pytest-xdist (two workers, each page's items kept on one worker by
+  `--dist loadfile`), each worker computes on one thread.
 """
 
+import os
+import types
 from pathlib import Path
 
 import pytest
-from markdown_it import MarkdownIt
-from pytest_markdown_docs._runners import DefaultRunner, register_runner
+import torch
 
 from cave import book
 
+STALE_AT_START = pytest.StashKey[list]()
+_RUNS: dict[Path, book.ChapterRun] = {}
 
-class _ContainerAwareMarkdown(MarkdownIt):
+
+class _BookFences:
+    """A stand-in for the plugin's markdown-it parser: `parse` returns the
+    book's fences as the fence tokens the plugin reads."""
+
     def parse(self, src, env=None):
-        return super().parse(book.flatten_containers(src), env)
+        return [types.SimpleNamespace(type="fence", info=f.info,
+                                      content=f.code, map=[f.line - 1, f.end])
+                for f in book.python_fences(src)]
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_markdown_docs_markdown_it():
-    return _ContainerAwareMarkdown("commonmark")
+    return _BookFences()
 
 
-_RUNS: dict[Path, book.ChapterRun] = {}
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pyproject runs two workers (pytest-xdist), one per core; torch's
+        # default of a thread per core in each would oversubscribe them
+        # (measured on 2 cores: 395 s with two threads each, 163 s with one)
+        torch.set_num_threads(1)
+    config.stash[STALE_AT_START] = [
+        (book._rel(page), why) for page, why in book.stale_pages()]
 
 
-@register_runner(default=True)
-class ChapterRunner(DefaultRunner):
-    """Runs a fence in its chapter's namespace, catching up earlier ones."""
+@pytest.fixture
+def stale_at_start(request):
+    """Pages whose recorded outputs were stale when this session began."""
+    return request.config.stash[STALE_AT_START]
 
-    def runtest(self, test, args, **_):
-        path = Path(test.source_path).resolve()
-        run = _RUNS.get(path)
-        if run is None:
-            run = _RUNS[path] = book.ChapterRun(path)
-        try:
-            run.run_to(run.index_of(test.start_line))
-        except book.EarlierFenceFailed as reason:
-            pytest.skip(str(reason))
-        if run.complete:
-            book.save_outputs(run)  # the site shows these, not a re-run
+
+def _run_of(path) -> book.ChapterRun:
+    path = Path(path).resolve()
+    if path not in _RUNS:
+        _RUNS[path] = book.ChapterRun(path)
+    return _RUNS[path]
+
+
+def run_fence(run: book.ChapterRun, index: int) -> None:
+    """Run a page's fences up to `index`, each once; record it when done."""
+    try:
+        run.run_to(index)
+    except book.EarlierFenceFailed as reason:
+        pytest.skip(str(reason))
+    if run.complete:
+        book.save_outputs(run)
+
+
+def _run_markdown_fence(item):
+    run = _run_of(item.path)
+    run_fence(run, run.index_of(item.start_line))
+
+
+class LabCell(pytest.Item):
+    def __init__(self, *, index: int, fence: book.Fence, **kw):
+        super().__init__(**kw)
+        self.index, self.fence = index, fence
+
+    def runtest(self):
+        run_fence(_run_of(self.path), self.index)
+
+    def reportinfo(self):
+        return self.path, self.fence.line, self.name
+
+
+class LabScript(pytest.File):
+    def collect(self):
+        for index, fence in enumerate(book.page_fences(self.path)):
+            yield LabCell.from_parent(self, name=f"cell {index + 1} (line "
+                                      f"{fence.line + 1})", index=index,
+                                      fence=fence)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_collect_file(file_path, parent):
     collectors = yield
-    return [c for c in collectors
-            if type(c).__name__ != "MarkdownDocstringCodeModule"]
+    collectors = [c for c in collectors
+                  if type(c).__name__ != "MarkdownDocstringCodeModule"]
+    if file_path.suffix == ".py" and file_path.parent == book.DOCS / "labs":
+        collectors.append(LabScript.from_parent(parent, path=file_path))
+    return collectors
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if hasattr(item, "test_definition") and item.path.suffix == ".md":
+            item.runtest = types.MethodType(_run_markdown_fence, item)
+

@@ -1,5 +1,6 @@
 """The machinery: reading fences, flattening containers, tangling, running."""
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -107,11 +108,54 @@ def test_tangle_writes_titled_fences_under_a_header_with_line_map():
     assert "Do not edit" in lines[1]
     assert "import math" in lines and "    return math.pi" in lines
     assert "x = 1" not in lines  # untitled fences are demonstrations
+    # each run of fences from one section is marked with it and its line
+    assert "# § A chapter (docs/part/chap.md:4)" in lines
     # every module line maps back to the chapter line that wrote it
     sample = SAMPLE.splitlines()
     for k, line in enumerate(lines):
         if origin[k]:
             assert sample[origin[k] - 1] == line
+
+
+def test_tangle_marks_each_section_once_with_its_chapter_line():
+    text = textwrap.dedent('''\
+        # Title
+
+        ## First
+
+        ```{.python title="cave/part/chap.py"}
+        a = 1
+        ```
+
+        ```{.python title="cave/part/chap.py"}
+        b = 2
+        ```
+
+        ```python
+        # A comment in a demo is no heading
+        ```
+
+        ## Second
+
+        ```{.python title="cave/part/chap.py"}
+        c = 3
+        ```
+        ''')
+    module, origin = book.tangle_text(book.Chapter("part", "chap"), text)
+    marks = [line for line in module.splitlines() if line.startswith("# §")]
+    assert marks == ["# § First (docs/part/chap.md:6)",
+                     "# § Second (docs/part/chap.md:20)"]
+    assert "b = 2" in module
+
+
+def test_tangle_rejects_annotation_markers_in_titled_fences():
+    text = ('```{.python title="cave/part/chap.py"}\n'
+            'x = data[2]  # (1)!\n```\n\n1. An annotation.\n')
+    with pytest.raises(ValueError, match=r"chap.md:2: annotation marker"):
+        book.tangle_text(book.Chapter("part", "chap"), text)
+    # in a demonstration fence an annotation is page-only, and allowed
+    book.tangle_text(book.Chapter("part", "chap"),
+                     "```python\nx = 1  # (1)!\n```\n")
 
 
 def test_tangle_rejects_a_fence_titled_with_another_module():
@@ -132,7 +176,7 @@ def test_check_names_chapter_line_and_first_differing_line(monkeypatch,
     monkeypatch.setattr(book, "chapters", lambda: [book.Chapter("part",
                                                                 "chap")])
     assert "is missing" in book.check()[0]
-    book.write_modules()
+    assert book.write_modules()[1] == []
     assert book.check() == []
     module = code / "cave" / "part" / "chap.py"
     module.write_text(module.read_text().replace("math.pi", "math.tau"))
@@ -177,19 +221,6 @@ def test_a_failing_fence_reports_chapter_lines_and_stops_the_rest(tmp_path):
         run.run_to(1)
 
 
-def test_outputs_cache_is_keyed_on_the_chapter_text(monkeypatch, tmp_path):
-    monkeypatch.setattr(book, "DOCS", tmp_path)
-    monkeypatch.setattr(book, "CACHE", tmp_path / "cache")
-    chapter = tmp_path / "c.md"
-    chapter.write_text("```python\nprint('hi')\n```\n")
-    assert book.load_outputs(chapter) is None
-    assert book.execute(chapter)[0].text == "hi\n"
-    assert book.load_outputs(chapter)[0].text == "hi\n"
-    chapter.write_text("```python\nprint('changed')\n```\n")
-    assert book.load_outputs(chapter) is None
-    assert book.execute(chapter)[0].text == "changed\n"
-
-
 def test_rendered_outputs_sit_under_their_fences_at_their_indent():
     markdown = "# T\n\n!!! note\n\n    ```python\n    print(1)\n    ```\n"
     outputs = [book.Output(5, "1\n", [("A plot", b"png")])]
@@ -199,15 +230,60 @@ def test_rendered_outputs_sit_under_their_fences_at_their_indent():
     assert book._FIGURES["part/t/figure-1-1.png"] == ("A plot", b"png")
 
 
-def test_notebook_has_one_code_cell_per_fence():
+def test_notebook_has_one_code_cell_per_fence_with_its_outputs():
     import nbformat
 
     path = Path(book.DOCS / "fundamentals" / "data.md")
-    nb = nbformat.reads(book.notebook(path), as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert len(code) == len(book.python_fences(path.read_text()))
-    assert nb.metadata.kernelspec.name == "python3"
+    outputs = [book.Output(f.line, f"printed {k}\n",
+                           [("A plot", b"\x89PNG fake")] if k == 1 else [])
+               for k, f in enumerate(book.python_fences(path.read_text()))]
+    nb = nbformat.reads(book.notebook(path, outputs), as_version=4)
     nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(code) == len(outputs)
+    assert nb.metadata.kernelspec.name == "python3"
+    assert code[0].outputs[0].text == "printed 0\n"
+    assert code[1].outputs[1].data["image/png"]  # the figure, base64
+    assert code[0].source.startswith("# cave/fundamentals/data.py")
+
+
+def test_a_lab_script_reads_as_cells_fences_and_a_page(tmp_path):
+    script = textwrap.dedent('''\
+        # %% [markdown]
+        # # A lab
+        #
+        # Some *prose*.
+
+        # %%
+
+        x = 2
+        print(x)
+
+
+        # %%
+        print(x * 3)
+        ''')
+    cells = book.lab_cells(script)
+    assert [(c.markdown, c.text) for c in cells] == [
+        (True, "# A lab\n\nSome *prose*.\n"), (False, "x = 2\nprint(x)\n"),
+        (False, "print(x * 3)\n")]
+    fences = book.lab_fences(script)
+    lines = script.splitlines()
+    for fence in fences:  # code starts on the line after fence.line
+        assert lines[fence.line] == fence.code.splitlines()[0]
+    page = book.lab_markdown(script)
+    assert page.startswith("# A lab")
+    assert [f.code for f in book.python_fences(page)] == [
+        f.code for f in fences]
+    lab = tmp_path / "labs" / "lab.py"
+    lab.parent.mkdir()
+    lab.write_text(script + "\n# %%\n1 / 0\n")
+    run = book.ChapterRun(lab)
+    assert run.run_to(1).text == "6\n"
+    with pytest.raises(ZeroDivisionError) as info:
+        run.run_to(2)
+    line = info.traceback[-1].lineno + 1  # pytest counts from 0
+    assert lab.read_text().splitlines()[line - 1] == "1 / 0"
 
 
 def test_future_imports_carry_to_later_fences(tmp_path):
@@ -229,3 +305,122 @@ def test_chapter_namespace_is_a_module_dataclasses_and_pickle_can_find(
         "\nprint(__name__ == '__main__')\n```\n")
     out = book.ChapterRun(chapter).run_to(0)
     assert out.text == "Config(width=3)\nFalse\n"
+
+
+# --------------------------------------------------------------------------
+# Records: outputs kept with the digests of exactly what they came from
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_book(monkeypatch, tmp_path):
+    """A book of three chapters in a temporary repository: `b` imports the
+    module of `a`; `c` reads a data file; `a` reads nothing."""
+    root = tmp_path
+    for name, value in [("ROOT", root), ("DOCS", root / "docs"),
+                        ("CODE", root / "code"),
+                        ("OUTPUTS", root / "docs" / "_outputs")]:
+        monkeypatch.setattr(book, name, value)
+    (root / "mkdocs.yml").write_text(
+        "nav:\n  - Part:\n      - p/a.md\n      - p/b.md\n      - p/c.md\n"
+        "  - Labs:\n      - labs/lab.md\n")
+    (root / "docs" / "p").mkdir(parents=True)
+    (root / "docs" / "labs").mkdir()
+    (root / "code" / "cave" / "_data").mkdir(parents=True)
+    (root / "code" / "cave" / "__init__.py").write_text("")
+    (root / "code" / "cave" / "_data" / "x.txt").write_text("42\n")
+    (root / "docs" / "p" / "a.md").write_text(
+        "# A\n\n```{.python title=\"cave/p/a.py\"}\nANSWER = 42\n```\n\n"
+        "```python\nprint(ANSWER)\n```\n")
+    # b imports a's module; the import never runs (cave here is the real
+    # package), but the record follows what the code imports
+    (root / "docs" / "p" / "b.md").write_text(
+        "# B\n\n```python\nif False:\n    from cave.p.a import ANSWER\n"
+        "print('b')\n```\n")
+    (root / "docs" / "p" / "c.md").write_text(
+        "# C\n\n```python\nimport pathlib\ndata = pathlib.Path("
+        f"{str(root / 'code' / 'cave' / '_data' / 'x.txt')!r})\n"
+        "print(data.read_text().strip())\n```\n")
+    (root / "docs" / "labs" / "lab.py").write_text(
+        "# %% [markdown]\n# # Lab\n\n# %%\nprint('lab')\n")
+    written, problems = book.write_modules()
+    assert problems == [] and root / "code/cave/p/a.py" in written
+    return root
+
+
+def _states():
+    return {book._rel(p): book.record_state(p)[0] for p in book.pages()}
+
+
+def test_records_follow_each_pages_real_inputs(small_book):
+    root = small_book
+    assert _states() == {"docs/p/a.md": False, "docs/p/b.md": False,
+                         "docs/p/c.md": False, "docs/labs/lab.py": False}
+    assert [why for _, why in book.stale_pages()] == [
+        "no recorded outputs"] * 4
+    for page in book.pages():
+        assert book.execute(page)  # runs and records
+    assert set(_states().values()) == {True}
+    record = json.loads((root / "docs/_outputs/p/c.json").read_text())
+    assert "code/cave/_data/x.txt" in record["inputs"], "what c read"
+    assert "code/cave/p/a.py" not in record["inputs"]
+    record = json.loads((root / "docs/_outputs/p/b.json").read_text())
+    assert "code/cave/p/a.py" in record["inputs"], "what b imports"
+    assert record["outputs"][0]["text"] == "b\n"
+
+    # a's prose changes: a alone is stale; its module changed only in the
+    # chapter lines its section mark names
+    a = root / "docs/p/a.md"
+    a.write_text(a.read_text().replace("# A\n", "# A\n\nMore prose.\n"))
+    assert book.write_modules() == ([root / "code/cave/p/a.py"], [])
+    assert _states() == {"docs/p/a.md": False, "docs/p/b.md": True,
+                         "docs/p/c.md": True, "docs/labs/lab.py": True}
+    book.execute(a)
+    # a's library code changes: a and b, which imports it, are stale
+    a.write_text(a.read_text().replace("ANSWER = 42", "ANSWER = 43"))
+    book.write_modules()
+    current, why = book.record_state(root / "docs/p/b.md")
+    assert not current and why == "code/cave/p/a.py changed"
+    assert _states() == {"docs/p/a.md": False, "docs/p/b.md": False,
+                         "docs/p/c.md": True, "docs/labs/lab.py": True}
+    # the data c reads changes: c alone
+    for page in book.pages():
+        book.execute(page)
+    (root / "code/cave/_data/x.txt").write_text("43\n")
+    assert _states() == {"docs/p/a.md": True, "docs/p/b.md": True,
+                         "docs/p/c.md": False, "docs/labs/lab.py": True}
+    assert book.execute(root / "docs/p/c.md")[0].text == "43\n"
+
+
+def test_a_current_record_is_served_without_running(small_book):
+    a = small_book / "docs/p/a.md"
+    book.execute(a)
+    target = small_book / "docs/_outputs/p/a.json"
+    record = json.loads(target.read_text())
+    record["outputs"][1]["text"] = "recorded, not run\n"
+    target.write_text(json.dumps(record))
+    assert book.execute(a)[1].text == "recorded, not run\n"
+    # a complete run does not rewrite a current record (no churn)
+    run = book.ChapterRun(a)
+    run.run_to(1)
+    book.save_outputs(run)
+    assert book.execute(a)[1].text == "recorded, not run\n"
+    # a damaged record is stale, never an error
+    target.write_text("{not json")
+    assert book.record_state(a) == (False, "no recorded outputs")
+    assert book.execute(a)[1].text == "42\n"
+
+
+def test_a_page_the_nav_does_not_list_gets_an_error_saying_what_to_do(
+        small_book):
+    stray = small_book / "docs" / "q" / "d.md"
+    stray.parent.mkdir()
+    stray.write_text("# D\n")
+    assert book.parts() == ["p"]
+    with pytest.raises(ValueError, match=r"docs/q/d.md is not in the nav "
+                                         r"of mkdocs.yml: add it under its "
+                                         r"part's section \(parts, in "
+                                         r"order: p\)"):
+        book.chapter_of(stray)
+    assert book.chapter_of(small_book / "docs/p/a.md") == book.Chapter(
+        "p", "a")

@@ -12,8 +12,6 @@ from cave import book
 
 ROOT = book.ROOT
 CHAPTERS = book.chapters()
-PARTS = ["fundamentals", "classical", "transformers", "techniques",
-         "frontiers", "scale"]  # the order of BOOK.md's chambers
 ALLOWED = {"torch", "numpy", "matplotlib", "cave"}  # and the standard library
 
 
@@ -39,13 +37,29 @@ def test_modules_are_generated_from_their_chapters():
     assert not problems, "\n".join(problems)
 
 
-def test_the_nav_is_the_book_in_the_order_of_its_parts():
-    parts = [c.part for c in CHAPTERS]
-    assert parts, "the nav lists no chapter"
-    assert parts == sorted(parts, key=PARTS.index), \
-        f"parts out of order: {parts}"
-    for part in set(parts):
-        assert (book.CODE / "cave" / part / "__init__.py").exists()
+def test_the_nav_declares_the_parts_once_each_in_one_section():
+    """The parts and their order are the nav's: each section of the nav
+    holds the chapters of one part folder, and each part is one section."""
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    sections = [(title, pages) for item in nav if isinstance(item, dict)
+                for title, pages in item.items() if isinstance(pages, list)]
+    seen = []
+    for title, entries in sections:
+        paths = [p for e in entries for p in
+                 (e.values() if isinstance(e, dict) else [e])]
+        chapter_parts = {Path(p).parts[0] for p in paths
+                         if book.is_chapter_page(p)}
+        assert len(chapter_parts) <= 1, (
+            f"nav section {title!r} mixes parts {sorted(chapter_parts)}: "
+            "one section per part folder")
+        seen += sorted(chapter_parts)
+    assert seen == book.parts(), "a part appears in two sections"
+    assert seen, "the nav lists no chapter"
+    for part in seen:
+        assert (book.CODE / "cave" / part / "__init__.py").exists(), \
+            f"code/cave/{part}/__init__.py is missing: run `cave.book tangle`"
 
 
 def _imports(tree):
@@ -110,21 +124,65 @@ def test_titled_fences_name_their_own_chapter_module():
                     f"{md.relative_to(ROOT)}:{f.line} titled {f.title}"
 
 
-def test_pytest_collects_every_python_fence_and_nothing_else():
-    expected = sum(len(book.python_fences(md.read_text()))
-                   for md in all_markdown())
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "docs",
-         "code", "tests"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
-    items = [line for line in out.splitlines() if "CodeFence#" in line]
-    assert items and all(line.startswith("docs/") and
-                         ".md::[CodeFence#" in line for line in items), (
-        "only chapters' fences may be collected, never docstrings of "
-        ".py files:\n" + out[-2000:])
-    assert len(items) == expected, (
-        f"pytest collected {len(items)} fences, the book's parser counts "
-        f"{expected}:\n{out[-2000:]}")
+def test_pytest_collects_exactly_the_fences_the_book_reads(pytestconfig):
+    """One parser: pytest-markdown-docs collects through the conftest's
+    parser hook, which answers with cave.book's fences; each collected
+    test starts where the book's fence does, and none is skipped."""
+    from pytest_markdown_docs.plugin import FenceSyntax, extract_fence_tests
+
+    parser = pytestconfig.hook.pytest_markdown_docs_markdown_it()
+    for md in all_markdown():
+        text = md.read_text()
+        collected = [t.start_line for t in extract_fence_tests(
+            parser, text, 0, md, "md", FenceSyntax.superfences)]
+        assert collected == [f.line for f in book.python_fences(text)], \
+            f"{md.relative_to(ROOT)}: pytest and the book disagree"
+
+
+def test_recorded_outputs_were_current_when_the_run_began(stale_at_start):
+    """docs/_outputs holds what every page printed and drew, so that a
+    fresh clone serves the book at once. Each record names the digests of
+    its inputs; a page whose inputs changed since must be recorded again,
+    and the record committed with the change."""
+    assert not stale_at_start, (
+        "recorded outputs out of date (this run re-recorded the pages whose "
+        "fences all ran; `python -m cave.book record` does the rest): "
+        "commit docs/_outputs/ with your change:\n" + "\n".join(
+            f"  {page}: {why}" for page, why in stale_at_start))
+
+
+def test_chapter_modules_carry_no_command_line():
+    for chapter in CHAPTERS:
+        source = chapter.module.read_text()
+        for name in _imports(ast.parse(source)):
+            assert name != "argparse", (
+                f"{chapter.module_name} imports argparse: the command line "
+                "lives in code/cave/cli.py; a chapter offers full_run()")
+        assert "__main__" not in source, (
+            f"{chapter.module_name} has a __main__ block: `cave run "
+            f"{chapter.stem} --full` runs a chapter's full_run()")
+
+
+def test_demonstrations_import_the_shared_helpers_instead_of_rewriting():
+    """Helpers live once: no demonstration fence and no lab defines a
+    function the essentials or data module already exports."""
+    from cave.fundamentals import data, essentials
+
+    shared = set(essentials.__all__) | {
+        n for n, v in vars(data).items() if callable(v) and
+        getattr(v, "__module__", "") == data.__name__}
+    sources = [(f"{md.relative_to(ROOT)}:{f.line}", f.code)
+               for md in all_markdown()
+               for f in book.python_fences(md.read_text()) if not f.title]
+    sources += [(str(lab.relative_to(ROOT)), lab.read_text())
+                for lab in book.labs()]
+    for where, source in sources:
+        tree = ast.parse(source)
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert node.name not in shared, (
+                    f"{where} defines {node.name}, which the book already "
+                    "has: import it from cave.fundamentals")
 
 
 def _readme_commands():

@@ -1,26 +1,37 @@
 """The book's machinery: chapters are the source, everything else derives.
 
-Not a chapter. It does four jobs, each small:
+Not a chapter. It does five jobs, each small, all on one reading of the
+pages (`fences`, a line scanner of its own; labs are read as percent-format
+scripts by `lab_cells`):
 
-* read the Python fences of a chapter (`fences`), with a line scanner of
-  its own, independent of any Markdown library;
-* write each chapter's module from the fences titled with its path
-  (`tangle`), and report where a module has drifted (`check`);
-* run a chapter top to bottom in one namespace, like a notebook, keeping
-  what each fence printed and drew (`ChapterRun`, `execute`, cached);
-* serve mkdocs as a hook file: put those outputs under their fences, and
-  offer every chapter as a Jupyter notebook (`notebook`).
+* write each chapter's module from the fences titled with its path, each
+  group marked with its section and chapter line (`tangle`), and report
+  where a module has drifted (`check`);
+* run a page top to bottom in one namespace, like a notebook, keeping what
+  each fence printed and drew (`ChapterRun`), and note what it read;
+* record those outputs in `docs/_outputs/`, committed with the book, with
+  the digest of every input the run had (the page, the modules it imports,
+  the files it read, the torch it ran on), so that a fresh clone serves
+  the book without running it and CI can prove every record current
+  (`record_state`, `execute`);
+* turn chapters and labs into Jupyter notebooks that carry their outputs
+  (`notebook`);
+* serve mkdocs as a hook file: outputs under their fences, lab pages made
+  from their scripts, notebook downloads (`on_files`, `on_page_markdown`).
 
 Command line::
 
     python -m cave.book tangle          # regenerate every module
     python -m cave.book check           # fail if a module has drifted
-    python -m cave.book run CHAPTER.md  # run a chapter, print its outputs
+    python -m cave.book run PAGE        # run a chapter or lab, print it
+    python -m cave.book record          # re-record every stale page
+    python -m cave.book status          # which records are stale; budgets
 """
 
 from __future__ import annotations
 
 import __future__
+import ast
 import base64
 import contextlib
 import dataclasses
@@ -37,8 +48,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # code/cave/book.py -> repo
 DOCS = ROOT / "docs"
 CODE = ROOT / "code"
-CACHE = ROOT / ".cache" / "outputs"
+OUTPUTS = DOCS / "_outputs"  # recorded outputs, committed with the book
 PYTHON_LANGS = {"python", "py", "python3"}
+RECORD_FORMAT = 2  # bump when the runner changes what a record means
+BUDGET_SECONDS = 20.0  # what one page's fences may take on a 2-core CPU
 
 # --------------------------------------------------------------------------
 # Reading fences
@@ -47,14 +60,16 @@ PYTHON_LANGS = {"python", "py", "python3"}
 _OPEN = re.compile(r"^(?P<indent> *)(?P<mark>`{3,}|~{3,})(?P<info>.*)$")
 _CONTAINER = re.compile(r"^(?P<indent> *)(!!!|\?\?\?\+?|===)\s")
 _TITLE = re.compile(r'title="(?P<title>[^"]*)"')
+_HEADING = re.compile(r"^(#{1,6})\s+(?P<text>.+?)\s*#*\s*$")
+_ANNOTATION = re.compile(r"#\s*\(\d+\)!")  # mkdocs-material's marker
 
 
 @dataclasses.dataclass(frozen=True)
 class Fence:
     """One fenced block: where it starts, how it is marked, what it holds."""
 
-    line: int  # 1-based line of the opening fence
-    end: int  # 1-based line of the closing fence
+    line: int  # 1-based line of the opening fence (of a lab's `# %%`)
+    end: int  # 1-based line of the closing fence (of a lab cell's last)
     indent: int  # spaces before the opening fence
     info: str  # everything after the backticks
     lang: str
@@ -87,7 +102,8 @@ def parse_info(info: str) -> tuple[str, str | None, tuple[str, ...]]:
 
 
 def fences(text: str) -> list[Fence]:
-    """Every fenced block of a Markdown text, in order, at any indentation."""
+    """Every fenced block of a Markdown text, in order, at any indentation
+    (inside admonitions, content tabs and collapsed blocks too)."""
     lines = text.splitlines()
     found, i = [], 0
     while i < len(lines):
@@ -116,13 +132,22 @@ def python_fences(text: str) -> list[Fence]:
     return [f for f in fences(text) if f.is_python]
 
 
+def headings(text: str) -> list[tuple[int, str]]:
+    """(line, text) of every Markdown heading outside the fences."""
+    inside = set()
+    for fence in fences(text):
+        inside.update(range(fence.line, fence.end + 1))
+    return [(n, m.group("text")) for n, line in enumerate(
+        text.splitlines(), 1) if n not in inside and (m := _HEADING.match(
+            line))]
+
+
 def flatten_containers(text: str) -> str:
     """Un-indent the bodies of admonitions and content tabs, line for line.
 
-    CommonMark reads a fence indented inside ``!!! note`` or ``=== "Tab"`` as
-    an indented code block. With the containers flattened (and the line
-    count kept, so line numbers still point into the chapter) it reads them
-    as fences again.
+    For notebooks: Markdown outside mkdocs has no admonitions, and would
+    read a fence indented inside one as an indented code block. The line
+    count is kept, so line numbers still point into the chapter.
     """
     out, stack, fence = [], [], None
     for line in text.splitlines(keepends=True):
@@ -145,7 +170,68 @@ def flatten_containers(text: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# Chapters and their modules
+# Labs: percent-format scripts, read as cells
+# --------------------------------------------------------------------------
+
+_CELL = re.compile(r"^# %%(?P<markdown> \[markdown\])?\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One cell of a percent-format script: Markdown or code."""
+
+    line: int  # 1-based line just before its text (its marker, or a blank)
+    end: int  # 1-based line of its text's last line
+    markdown: bool
+    text: str  # the Markdown (comment marks removed) or the code
+
+
+def lab_cells(text: str) -> list[Cell]:
+    """The cells of a percent-format script (``# %%`` and
+    ``# %% [markdown]`` markers), blank lines at their edges trimmed."""
+    lines, cells = text.splitlines(), []
+    markers = [n for n, line in enumerate(lines) if _CELL.match(line)]
+    for k, n in enumerate(markers):
+        stop = markers[k + 1] if k + 1 < len(markers) else len(lines)
+        first, last = n + 1, stop  # 0-based, the body is lines[first:last]
+        while first < last and not lines[first].strip():
+            first += 1
+        while last > first and not lines[last - 1].strip():
+            last -= 1
+        if first == last:
+            continue
+        markdown = bool(_CELL.match(lines[n]).group("markdown"))
+        body = lines[first:last]
+        if markdown:
+            body = [re.sub(r"^# ?", "", line) for line in body]
+        cells.append(Cell(first, last, markdown, "\n".join(body) + "\n"))
+    return cells
+
+
+def lab_fences(text: str) -> list[Fence]:
+    """A lab's code cells as fences; their lines are the script's."""
+    return [Fence(c.line, c.end, 0, "python", "python", None, (), c.text)
+            for c in lab_cells(text) if not c.markdown]
+
+
+def lab_markdown(text: str) -> str:
+    """A lab as a Markdown page: its Markdown cells, its code in fences."""
+    parts = []
+    for cell in lab_cells(text):
+        parts.append(cell.text if cell.markdown
+                     else "```python\n" + cell.text + "```\n")
+    return "\n".join(parts)
+
+
+def page_fences(path: Path) -> list[Fence]:
+    """The Python fences of a chapter (.md) or the code cells of a lab."""
+    text = Path(path).read_text(encoding="utf-8")
+    return lab_fences(text) if Path(path).suffix == ".py" else \
+        python_fences(text)
+
+
+# --------------------------------------------------------------------------
+# Chapters, parts and their modules
 # --------------------------------------------------------------------------
 
 
@@ -174,8 +260,8 @@ class Chapter:
         return f"{self.part}/{self.stem}"
 
 
-def nav_pages(config: Path = ROOT / "mkdocs.yml") -> list[str]:
-    """Markdown pages of the nav, in reading order."""
+def nav_pages(config: Path | None = None) -> list[str]:
+    """Pages of the nav (Markdown chapters, lab scripts), in reading order."""
     import yaml
 
     def walk(node):
@@ -188,20 +274,64 @@ def nav_pages(config: Path = ROOT / "mkdocs.yml") -> list[str]:
             for value in node.values():
                 yield from walk(value)
 
+    config = ROOT / "mkdocs.yml" if config is None else config
     nav = yaml.safe_load(config.read_text(encoding="utf-8"))["nav"]
-    return [p for p in walk(nav) if p.endswith(".md")]
+    return list(walk(nav))
 
 
 def is_chapter_page(src: str) -> bool:
-    """`docs/<part>/<stem>.md` is a chapter; a part's index.md is not."""
+    """`docs/<part>/<stem>.md` is a chapter; labs and index pages are not."""
     parts = Path(src).parts
-    return len(parts) == 2 and src.endswith(".md") and parts[1] != "index.md"
+    return (len(parts) == 2 and src.endswith(".md") and parts[0] != "labs"
+            and parts[1] != "index.md")
+
+
+def is_lab(src: str) -> bool:
+    """`docs/labs/<name>.py`: a lab, a percent-format script. The nav names
+    its page, `labs/<name>.md`, which the hooks make from the script."""
+    parts = Path(src).parts
+    return len(parts) == 2 and parts[0] == "labs" and src.endswith(".py")
 
 
 def chapters() -> list[Chapter]:
     """The chapters in reading order: the order of the site's nav."""
     return [Chapter(*Path(p).with_suffix("").parts)
             for p in nav_pages() if is_chapter_page(p)]
+
+
+def parts() -> list[str]:
+    """The book's parts, in the nav's order: declared once, in mkdocs.yml."""
+    found: list[str] = []
+    for chapter in chapters():
+        if chapter.part not in found:
+            found.append(chapter.part)
+    return found
+
+
+def labs() -> list[Path]:
+    """The labs' scripts, in the nav's order."""
+    return [DOCS / (p[:-3] + ".py") for p in nav_pages()
+            if p.startswith("labs/") and p.endswith(".md")]
+
+
+def pages() -> list[Path]:
+    """Every page whose code runs: the chapters, then the labs."""
+    return [c.markdown for c in chapters()] + labs()
+
+
+def chapter_of(path: str | Path) -> Chapter:
+    """The chapter a Markdown file under docs/ is; an error that says what
+    to do for a file the nav does not list."""
+    path = Path(path).resolve()
+    part, stem = path.with_suffix("").parts[-2:]
+    chapter = Chapter(part, stem)
+    if chapter not in chapters():
+        known = ", ".join(parts())
+        raise ValueError(
+            f"docs/{part}/{stem}.md is not in the nav of mkdocs.yml: add it "
+            f"under its part's section (parts, in order: {known}); a new "
+            "part is a new section of the nav, in reading order")
+    return chapter
 
 
 HEADER = (
@@ -213,24 +343,43 @@ HEADER = (
 def tangle_text(chapter: Chapter, text: str) -> tuple[str, list[int]]:
     """A chapter's module text, and for each of its lines the chapter line.
 
-    The module is the chapter's fences titled with its path, in order, under
-    a header. A fence titled with another module's path is an error: each
-    chapter writes only its own module.
+    The module is the chapter's fences titled with its path, in order,
+    under a header; each run of fences from one section opens with a
+    comment naming the section and the chapter line. A fence titled with
+    another module's path is an error (each chapter writes only its own
+    module), and so is an annotation marker, which is page-only markup.
     """
+    marks = headings(text)
     pieces, origin = [HEADER.format(chapter=chapter)], [0, 0]
+    section = None
     for fence in python_fences(text):
         if fence.title is None:
             continue
+        where = f"docs/{chapter}.md:{fence.line}"
         if fence.title != chapter.module_title:
             raise ValueError(
-                f"docs/{chapter}.md:{fence.line}: fence titled "
-                f"{fence.title!r}, expected {chapter.module_title!r} "
-                "(a chapter writes only its own module)")
+                f"{where}: fence titled {fence.title!r}, expected "
+                f"{chapter.module_title!r} (a chapter writes only its own "
+                "module)")
+        for k, line in enumerate(fence.code.splitlines()):
+            if _ANNOTATION.search(line):
+                raise ValueError(
+                    f"docs/{chapter}.md:{fence.line + 1 + k}: annotation "
+                    f"marker in a titled fence ({line.strip()!r}); it would "
+                    "land in the module: say it in the prose or a comment")
+        heading = next((h for n, h in reversed(marks) if n < fence.line), "")
         lead = len(fence.code) - len(fence.code.lstrip("\n"))
         body = fence.code.strip("\n")
         first = fence.line + 1 + lead  # chapter line of the body's first
-        pieces.append("\n\n" + body + "\n")
-        origin += [0, 0] + [first + k for k in range(len(body.splitlines()))]
+        if heading != section:
+            section = heading
+            mark = f"# § {heading or chapter.stem} (docs/{chapter}.md:{first})"
+            pieces.append(f"\n\n{mark}\n{body}\n")
+            origin += [0, 0, 0]
+        else:
+            pieces.append("\n\n" + body + "\n")
+            origin += [0, 0]
+        origin += [first + k for k in range(len(body.splitlines()))]
     return "".join(pieces), origin
 
 
@@ -244,7 +393,11 @@ def check() -> list[str]:
     problems = []
     for chapter in chapters():
         text = chapter.markdown.read_text(encoding="utf-8")
-        want, origin = tangle_text(chapter, text)
+        try:
+            want, origin = tangle_text(chapter, text)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
         if not chapter.module.exists():
             problems.append(f"{chapter.module.relative_to(ROOT)} is missing: "
                             "run `python -m cave.book tangle`")
@@ -267,10 +420,16 @@ def check() -> list[str]:
     return problems
 
 
-def write_modules() -> list[Path]:
-    written = []
+def write_modules() -> tuple[list[Path], list[str]]:
+    """Regenerate every module that differs from its chapter: (the files
+    written, the chapters that could not be tangled and why)."""
+    written, problems = [], []
     for chapter in chapters():
-        text = tangle(chapter)
+        try:
+            text = tangle(chapter)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
         path = chapter.module
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,11 +438,11 @@ def write_modules() -> list[Path]:
                 init.write_text(f'"""Part: {chapter.part}."""\n')
             path.write_text(text, encoding="utf-8")
             written.append(path)
-    return written
+    return written, problems
 
 
 # --------------------------------------------------------------------------
-# Running a chapter, like a notebook
+# Running a page, like a notebook
 # --------------------------------------------------------------------------
 
 
@@ -320,27 +479,74 @@ _FUTURE_FLAGS = 0
 for _name in __future__.all_feature_names:
     _FUTURE_FLAGS |= getattr(__future__, _name).compiler_flag
 
+# Files a running page opens for reading, for its record's inputs. One
+# audit hook for the process (hooks cannot be removed), idle unless a page
+# is running.
+_OPENED: set[str] | None = None
+_HOOKED = False
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is None or event != "open":
+        return
+    path, mode, flags = (tuple(args) + (None, None))[:3]
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return
+    if isinstance(mode, str):
+        if any(c in mode for c in "wax+"):
+            return
+    elif isinstance(flags, int) and flags & _WRITE_FLAGS:
+        return
+    _OPENED.add(os.fsdecode(path))
+
+
+@contextlib.contextmanager
+def _watch_reads(into: set[str]):
+    global _OPENED, _HOOKED
+    if not _HOOKED:
+        sys.addaudithook(_audit)
+        _HOOKED = True
+    saved, _OPENED = _OPENED, into
+    try:
+        yield
+    finally:
+        _OPENED = saved
+
+
+def _use_agg() -> None:
+    """Draw off-screen, in this process only: setting MPLBACKEND in the
+    environment would also reach every process a page starts (a notebook
+    kernel drawing nothing)."""
+    if os.environ.get("MPLBACKEND") is None:
+        import matplotlib
+
+        if matplotlib.get_backend().lower() != "agg":
+            matplotlib.use("Agg")
+
 
 class ChapterRun:
-    """One chapter run top to bottom in one namespace, each fence once."""
+    """A chapter (or a lab) run top to bottom in one namespace, each fence
+    once, noting the files it reads."""
 
     def __init__(self, path: Path):
         self.path = Path(path).resolve()
         self.text = self.path.read_text(encoding="utf-8")
-        self.fences = python_fences(self.text)
+        self.fences = page_fences(self.path)
         # The namespace is a real module, registered like an imported one,
         # so that dataclasses, pickle and multiprocessing can find what the
-        # chapter defines. Its name is not "__main__": a chapter's
-        # `if __name__ == "__main__":` blocks are for its command line.
+        # page defines. Its name is not "__main__": a page's
+        # `if __name__ == "__main__":` blocks are not for the book.
         part, stem = self.path.with_suffix("").parts[-2:]
         module = types.ModuleType(f"__chapter_{part}_{stem}__".replace(
-            "-", "_"), f"The running chapter {part}/{stem}")
+            "-", "_"), f"The running page {part}/{stem}")
         module.__file__ = str(self.path)
         sys.modules[module.__name__] = module
         self.namespace = module.__dict__
         self.outputs: list[Output] = []
         self.failed: int | None = None  # index of the fence that failed
         self.future = 0  # `from __future__` flags carry on, as in a notebook
+        self.opened: set[str] = set()  # what its fences read
 
     def index_of(self, line: int) -> int:
         for i, fence in enumerate(self.fences):
@@ -353,8 +559,8 @@ class ChapterRun:
         return len(self.outputs)
 
     def run_next(self) -> Output:
-        """Run the next fence; its line numbers are the chapter's."""
-        os.environ.setdefault("MPLBACKEND", "Agg")
+        """Run the next fence; its line numbers are the page's."""
+        _use_agg()
         fence = self.fences[self.done]
         source = "\n" * fence.line + fence.code
         code = compile(source, str(self.path), "exec", flags=self.future,
@@ -363,7 +569,7 @@ class ChapterRun:
         out = io.StringIO()
         start = time.perf_counter()
         try:
-            with contextlib.redirect_stdout(out):
+            with contextlib.redirect_stdout(out), _watch_reads(self.opened):
                 exec(code, self.namespace)
         except BaseException:
             self.failed = self.done
@@ -391,64 +597,196 @@ class ChapterRun:
 
 
 class EarlierFenceFailed(RuntimeError):
-    """A fence cannot run because one before it in its chapter failed."""
+    """A fence cannot run because one before it in its page failed."""
 
 
-def _code_digest() -> str:
-    """A digest of the package (code, shipped data, recorded results) and
-    the torch it runs on: what a chapter's outputs depend on."""
+# --------------------------------------------------------------------------
+# Records: a page's outputs and the digests of everything they came from
+# --------------------------------------------------------------------------
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+_MARK = re.compile(rb"^# \xc2\xa7 .*\n", re.M)  # a tangled section mark
+
+
+def _digest(path: Path) -> str:
+    """A file's SHA-256 (cached while its size and mtime stay put). A
+    module's section marks are left out: they name chapter lines, which
+    move whenever prose above them changes, and they change nothing the
+    code does."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _DIGESTS:
+        data = path.read_bytes()
+        if path.suffix == ".py":
+            data = _MARK.sub(b"", data)
+        _DIGESTS[key] = hashlib.sha256(data).hexdigest()
+    return _DIGESTS[key]
+
+
+def _imports(source: str) -> set[str]:
+    """The `cave` modules a piece of code imports (and may import)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and \
+                node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n == "cave" or n.startswith("cave.")}
+
+
+def _module_file(name: str) -> Path | None:
+    base = CODE.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def module_closure(source: str) -> set[Path]:
+    """Every module file of the package that `source` imports, directly or
+    through other modules, with the packages' __init__ files on the way."""
+    found: set[Path] = set()
+    todo = list(_imports(source))
+    while todo:
+        name = todo.pop()
+        for k in range(1, name.count(".") + 2):  # cave, cave.a, cave.a.b
+            path = _module_file(".".join(name.split(".")[:k]))
+            if path is not None and path not in found:
+                found.add(path)
+                todo.extend(_imports(path.read_text(encoding="utf-8")))
+    return found
+
+
+def _is_input(path: Path) -> bool:
+    """A file a record depends on: inside the repository, not generated
+    on the way (caches, records, the environment), not a module (those
+    come from the imports, which do not depend on what ran before)."""
+    try:
+        rel = path.relative_to(ROOT)
+    except ValueError:
+        return False
+    skip = {".cache", ".git", ".venv", "__pycache__", "site", "_outputs"}
+    return (path.is_file() and not skip.intersection(rel.parts)
+            and path.suffix != ".py")
+
+
+def inputs_of(path: Path, opened: set[str] | frozenset = frozenset()
+              ) -> dict[str, str]:
+    """The digests a page's record keeps: the page, every module its code
+    imports, every file its run read, the torch it ran on."""
     import torch
 
-    digest = hashlib.sha256(torch.__version__.encode())
-    for path in sorted((CODE / "cave").rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(CODE)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:20]
+    path = Path(path).resolve()
+    source = "\n".join(f.code for f in page_fences(path))
+    files = {path} | module_closure(source)
+    files |= {p for p in (Path(o).resolve() for o in opened) if _is_input(p)}
+    inputs = {p.relative_to(ROOT).as_posix(): _digest(p)
+              for p in sorted(files)}
+    inputs["torch"] = torch.__version__
+    inputs["record format"] = str(RECORD_FORMAT)
+    return inputs
 
 
-def _cache_key(text: str) -> str:
-    """Outputs stay valid while the chapter and the package are unchanged."""
-    return hashlib.sha256((_code_digest() + text).encode()).hexdigest()[:20]
-
-
-def _cache_file(path: Path) -> Path:
+def record_path(path: Path) -> Path:
     part, stem = Path(path).resolve().with_suffix("").parts[-2:]
-    return CACHE / f"{part}__{stem}.json"
+    return OUTPUTS / part / f"{stem}.json"
+
+
+def _read_record(path: Path) -> dict | None:
+    target = record_path(path)
+    if not target.is_file():
+        return None
+    try:
+        return json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def record_state(path: Path) -> tuple[bool, str]:
+    """(current, why not): a record is current while every input it names
+    has the digest it had when the page ran."""
+    import torch
+
+    record = _read_record(path)
+    if record is None:
+        return False, "no recorded outputs"
+    inputs = record.get("inputs", {})
+    for name, digest in inputs.items():
+        if name == "torch":
+            now = torch.__version__
+        elif name == "record format":
+            now = str(RECORD_FORMAT)
+        else:
+            file = ROOT / name
+            now = _digest(file) if file.is_file() else "missing"
+        if now != digest:
+            return False, f"{name} changed"
+    page = Path(path).resolve().relative_to(ROOT).as_posix()
+    if page not in inputs:
+        return False, "the record names another page"
+    source = "\n".join(f.code for f in page_fences(path))
+    for module in module_closure(source):
+        if module.relative_to(ROOT).as_posix() not in inputs:
+            return False, f"now imports {module.relative_to(ROOT)}"
+    return True, ""
+
+
+def stale_pages() -> list[tuple[Path, str]]:
+    """Every page whose record is missing or out of date, and why."""
+    stale = []
+    for page in pages():
+        current, why = record_state(page)
+        if not current:
+            stale.append((page, why))
+    return stale
 
 
 def save_outputs(run: ChapterRun) -> None:
-    """Keep a complete run's outputs, so the site need not run it again."""
-    if not run.complete:
+    """Record a complete run's outputs, unless a current record exists (the
+    same inputs: re-recording would only churn the timings)."""
+    if not run.complete or record_state(run.path)[0]:
         return
-    record = {"key": _cache_key(run.text), "outputs": [
-        {"line": o.line, "text": o.text, "seconds": o.seconds,
-         "figures": [[alt, base64.b64encode(png).decode()]
-                     for alt, png in o.figures]}
-        for o in run.outputs]}
-    target = _cache_file(run.path)
+    record = {
+        "page": run.path.relative_to(ROOT).as_posix(),
+        "inputs": inputs_of(run.path, run.opened),
+        "seconds": round(sum(o.seconds for o in run.outputs), 2),
+        "outputs": [{"line": o.line, "text": o.text,
+                     "seconds": round(o.seconds, 3),
+                     "figures": [[alt, base64.b64encode(png).decode()]
+                                 for alt, png in o.figures]}
+                    for o in run.outputs]}
+    target = record_path(run.path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record), encoding="utf-8")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, target)
 
 
-def load_outputs(path: Path) -> list[Output] | None:
-    target = _cache_file(path)
-    if not target.exists():
-        return None
-    record = json.loads(target.read_text(encoding="utf-8"))
-    if record["key"] != _cache_key(Path(path).read_text(encoding="utf-8")):
-        return None
+def _outputs_of(record: dict) -> list[Output]:
     return [Output(o["line"], o["text"],
                    [(alt, base64.b64decode(png)) for alt, png in o["figures"]],
                    o["seconds"]) for o in record["outputs"]]
 
 
+def load_outputs(path: Path) -> list[Output] | None:
+    """The recorded outputs of a page, if its record is current."""
+    if not record_state(path)[0]:
+        return None
+    return _outputs_of(_read_record(path))
+
+
 def execute(path: Path, use_cache: bool = True) -> list[Output]:
-    """Every fence's output for a chapter: from the cache or by running it."""
-    if use_cache and (cached := load_outputs(path)) is not None:
-        return cached
+    """Every fence's output for a page: from its record or by running it."""
+    if use_cache and (recorded := load_outputs(path)) is not None:
+        return recorded
     run = ChapterRun(path)
     if run.fences:
         run.run_to(len(run.fences) - 1)
@@ -461,35 +799,82 @@ def execute(path: Path, use_cache: bool = True) -> list[Output]:
 # --------------------------------------------------------------------------
 
 
-def notebook(path: Path) -> str:
-    """A chapter as a Jupyter notebook (.ipynb text), through jupytext."""
-    import jupytext
+def _nb_outputs(output: Output | None) -> list[dict]:
+    if output is None:
+        return []
+    cells = []
+    if output.text:
+        cells.append({"output_type": "stream", "name": "stdout",
+                      "text": output.text.splitlines(keepends=True)})
+    for alt, png in output.figures:
+        cells.append({"output_type": "display_data", "metadata": {},
+                      "data": {"image/png": base64.b64encode(png).decode(),
+                               "text/plain": [f"<Figure: {alt}>"]}})
+    return cells
 
-    text = flatten_containers(Path(path).read_text(encoding="utf-8"))
-    lines = text.splitlines()
-    for fence in reversed(fences(text)):
-        if not fence.is_python:
-            continue
-        head = ["```python"]
-        if fence.title:
-            head.append(f"# {fence.title} (the book's module)")
-        lines[fence.line - 1:fence.line] = head
-    rel = "docs/" + "/".join(Path(path).parts[-2:])
-    intro = (f"*Deep Learning Cave, generated from `{rel}`. Run it where "
-             "the book's package `cave` is installed "
-             "(`pip install -r requirements.txt` in the book's folder).*")
-    nb = jupytext.reads(intro + "\n\n" + "\n".join(lines) + "\n", fmt="md")
-    nb.metadata["kernelspec"] = {"name": "python3", "language": "python",
-                                 "display_name": "Python 3"}
-    nb.metadata.pop("jupytext", None)
-    return jupytext.writes(nb, fmt="ipynb")
+
+def _nb_cell(kind: str, text: str, output: Output | None = None,
+             count: int | None = None) -> dict:
+    cell = {"cell_type": kind, "metadata": {},
+            "source": text.rstrip("\n").splitlines(keepends=True)}
+    if kind == "code":
+        cell.update(execution_count=count, outputs=_nb_outputs(output))
+    return cell
+
+
+def notebook(path: Path, outputs: list[Output] | None = None) -> str:
+    """A chapter or lab as a Jupyter notebook (.ipynb text), one code cell
+    per fence, carrying `outputs` (by default the page's current record)."""
+    path = Path(path)
+    if outputs is None:
+        outputs = load_outputs(path) or []
+    text = path.read_text(encoding="utf-8")
+    rel = "docs/" + "/".join(path.parts[-2:])
+    cells = [_nb_cell("markdown", (
+        f"*Deep Learning Cave, generated from `{rel}`. Run it where the "
+        "book's package `cave` is installed (`pip install -r "
+        "requirements.txt` in the book's folder).*"))]
+    k = 0
+    if path.suffix == ".py":
+        for cell in lab_cells(text):
+            if cell.markdown:
+                cells.append(_nb_cell("markdown", cell.text))
+            else:
+                out = outputs[k] if k < len(outputs) else None
+                cells.append(_nb_cell("code", cell.text, out, k + 1))
+                k += 1
+    else:
+        flat = flatten_containers(text)
+        lines, last = flat.splitlines(), 0
+        for fence in python_fences(flat):
+            prose = "\n".join(lines[last:fence.line - 1]).strip("\n")
+            if prose.strip():
+                cells.append(_nb_cell("markdown", prose))
+            code = fence.code
+            if fence.title:
+                code = f"# {fence.title} (the book's module)\n" + code
+            out = outputs[k] if k < len(outputs) else None
+            cells.append(_nb_cell("code", code, out, k + 1))
+            k += 1
+            last = fence.end
+        tail = "\n".join(lines[last:]).strip("\n")
+        if tail.strip():
+            cells.append(_nb_cell("markdown", tail))
+    nb = {"cells": cells, "nbformat": 4, "nbformat_minor": 5,
+          "metadata": {"kernelspec": {"name": "python3", "language": "python",
+                                      "display_name": "Python 3"},
+                       "language_info": {"name": "python"}}}
+    for i, cell in enumerate(nb["cells"]):
+        cell["id"] = f"cell-{i}"
+    return json.dumps(nb, indent=1) + "\n"
 
 
 # --------------------------------------------------------------------------
 # mkdocs hooks (mkdocs.yml loads this file with `hooks:`)
 # --------------------------------------------------------------------------
 
-_FIGURES: dict[str, list[tuple[str, bytes]]] = {}
+_FIGURES: dict[str, tuple[str, bytes]] = {}
+_LAB_SOURCES: dict[str, Path] = {}  # generated lab page -> its script
 
 
 def _render_outputs(markdown: str, outputs: list[Output], url: str) -> str:
@@ -515,40 +900,49 @@ def _render_outputs(markdown: str, outputs: list[Output], url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def on_config(config):
-    """Key mkdocs-jupyter's cache of executed labs on the package as well:
-    its own key sees only the lab's text, and labs import `cave`."""
-    plugin = config.plugins.get("mkdocs-jupyter")
-    if plugin is not None:
-        plugin.config["cache_dir"] = str(
-            ROOT / ".cache" / "mkdocs-jupyter" / _code_digest())
-    return config
+_PAGE_OUTPUTS: dict[str, list[Output]] = {}  # page -> what its code showed
 
 
 def on_files(files, config):
-    """Offer every chapter as a notebook beside its page."""
+    """Make each lab's page from its script; get every chapter's and lab's
+    outputs (recorded, or by running it when its record is stale; none
+    with CAVE_EXECUTE=0); offer each as a notebook carrying them."""
     from mkdocs.structure.files import File
 
+    execute_pages = os.environ.get("CAVE_EXECUTE", "1") != "0"
     for file in list(files):
-        if is_chapter_page(file.src_uri):
-            files.append(File.generated(
-                config, file.src_uri[:-3] + ".ipynb",
-                content=notebook(Path(file.abs_src_path))))
+        src = file.src_uri
+        if not (is_chapter_page(src) or is_lab(src)):
+            continue
+        source = Path(file.abs_src_path)
+        page = src[:-3] + ".md"
+        if is_lab(src):
+            _LAB_SOURCES[page] = source
+            files.append(File.generated(config, page, content=lab_markdown(
+                source.read_text(encoding="utf-8"))))
+        outputs = execute(source) if execute_pages else []
+        _PAGE_OUTPUTS[page] = outputs
+        files.append(File.generated(
+            config, src.rsplit(".", 1)[0] + ".ipynb",
+            content=notebook(source, outputs)))
     return files
 
 
 def on_page_markdown(markdown, page, config, files):
-    """Show, under every fence of a chapter, what it printed and drew."""
-    if not is_chapter_page(page.file.src_uri):
+    """Show, under every fence of a chapter or lab, what it printed and
+    drew; offer the downloads."""
+    src = page.file.src_uri
+    if src not in _PAGE_OUTPUTS:
         return markdown
-    stem = Path(page.file.src_uri).stem
-    if os.environ.get("CAVE_EXECUTE", "1") != "0":
-        outputs = execute(Path(page.file.abs_src_path))
-        markdown = _render_outputs(markdown, outputs, page.url)
-    link = (f"[Download this chapter as a Jupyter notebook]({stem}.ipynb)"
-            "{ .md-button .cave-notebook }")
-    return re.sub(r"^(# .*\n)", lambda m: m.group(1) + "\n" + link + "\n",
-                  markdown, count=1, flags=re.M)
+    stem, lab = Path(src).stem, src in _LAB_SOURCES
+    markdown = _render_outputs(markdown, _PAGE_OUTPUTS[src], page.url)
+    links = [f"[Download this {'lab' if lab else 'chapter'} as a Jupyter "
+             f"notebook]({stem}.ipynb){{ .md-button .cave-notebook }}"]
+    if lab:
+        links.append(f"[or as a Python script]({stem}.py)"
+                     "{ .md-button .cave-notebook }")
+    return re.sub(r"^(# .*\n)", lambda m: m.group(1) + "\n" +
+                  " ".join(links) + "\n", markdown, count=1, flags=re.M)
 
 
 def on_post_build(config):
@@ -564,6 +958,13 @@ def on_post_build(config):
 # --------------------------------------------------------------------------
 
 
+def _rel(path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -572,35 +973,63 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tangle", help="regenerate every module from its chapter")
     sub.add_parser("check", help="fail if any module differs from its chapter")
-    run = sub.add_parser("run", help="run a chapter and print its outputs")
-    run.add_argument("chapter", type=Path)
+    run = sub.add_parser("run", help="run a chapter or lab, print its outputs")
+    run.add_argument("page", type=Path)
     run.add_argument("--figures", type=Path, default=Path("/tmp/cave-figures"))
+    sub.add_parser("record", help="run every stale page and record it")
+    sub.add_parser("status", help="stale records, and each page's seconds "
+                                  "against the budget")
     args = parser.parse_args(argv)
 
     if args.command == "tangle":
-        for path in write_modules():
+        written, problems = write_modules()
+        for path in written:
             print(f"wrote {path.relative_to(ROOT)}")
-        return 0
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1 if problems else 0
     if args.command == "check":
         problems = check()
         for problem in problems:
             print(problem, file=sys.stderr)
         return 1 if problems else 0
-    chapter = ChapterRun(args.chapter)
+    if args.command == "status":
+        over = 0
+        for page in pages():
+            current, why = record_state(page)
+            record = _read_record(page) or {}
+            seconds = record.get("seconds")
+            shown = "-" if seconds is None else f"{seconds:6.1f} s"
+            over += seconds is not None and seconds > BUDGET_SECONDS
+            flag = " OVER BUDGET" if seconds and seconds > BUDGET_SECONDS \
+                else ""
+            print(f"{_rel(page):42s} {shown:>9s}{flag}  "
+                  f"{'current' if current else 'STALE: ' + why}")
+        print(f"budget: {BUDGET_SECONDS:.0f} s of fences per page "
+              f"(as recorded on the machine that ran it)")
+        return 0
+    if args.command == "record":
+        for page, why in stale_pages():
+            print(f"recording {_rel(page)} ({why})", flush=True)
+            start = time.perf_counter()
+            execute(page, use_cache=False)
+            print(f"  {time.perf_counter() - start:.1f} s", flush=True)
+        return 0
+    page = ChapterRun(args.page)
     args.figures.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()
-    for index in range(len(chapter.fences)):
-        output = chapter.run_next()
+    for index in range(len(page.fences)):
+        output = page.run_next()
         print(f"--- fence {index + 1} (line {output.line}): "
               f"{output.seconds:.2f} s")
         if output.text:
             print(output.text, end="" if output.text.endswith("\n") else "\n")
         for k, (alt, png) in enumerate(output.figures):
-            target = args.figures / f"{args.chapter.stem}-{index + 1}-{k + 1}.png"
+            target = args.figures / f"{args.page.stem}-{index + 1}-{k + 1}.png"
             target.write_bytes(png)
             print(f"[figure: {alt} -> {target}]")
-    save_outputs(chapter)
-    print(f"--- {len(chapter.fences)} fences in "
+    save_outputs(page)
+    print(f"--- {len(page.fences)} fences in "
           f"{time.perf_counter() - total:.1f} s")
     return 0
 
