@@ -16,8 +16,9 @@ through public hooks only:
   record was stale), and which records were stale when the session
   started is kept for tests/test_structure.py to report;
 * no `.py` file is imported to look for docstring fences;
-* under pytest-xdist (two workers, each page's items kept on one worker by
-  `--dist loadfile`), each worker computes on one thread.
+* under pytest-xdist (two workers; a page's fences and a test file's tests
+  kept together on one, by `--dist loadgroup`), each worker computes on
+  one thread.
 """
 
 import os
@@ -120,4 +121,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if hasattr(item, "test_definition") and item.path.suffix == ".md":
             item.runtest = types.MethodType(_run_markdown_fence, item)
+        # pytest-xdist (`--dist loadgroup`): a page's fences, in order, and
+        # a test file's tests stay on one worker; tests marked
+        # `spread` go wherever a worker is free
+        if item.get_closest_marker("spread") is None:
+            item.add_marker(pytest.mark.xdist_group(str(item.path)))
 

@@ -424,3 +424,70 @@ def test_a_page_the_nav_does_not_list_gets_an_error_saying_what_to_do(
         book.chapter_of(stray)
     assert book.chapter_of(small_book / "docs/p/a.md") == book.Chapter(
         "p", "a")
+
+
+# --------------------------------------------------------------------------
+# What a copy button copies
+# --------------------------------------------------------------------------
+
+COPY_PAGE = textwrap.dedent('''\
+    ```{.python title="cave/part/chap.py"}
+    from __future__ import annotations
+
+    import math
+
+    SCALE = 2
+
+
+    def double(x):
+        return SCALE * x
+    ```
+
+    ```python
+    import torch
+
+    weights = torch.zeros(3)
+    unrelated = "never needed"
+    ```
+
+    ```python
+    for step in range(3):
+        weights += 1  # acts on weights
+    print("trained")
+    ```
+
+    ```python
+    def report():
+        return float(weights.sum()) + offset  # globals read when called
+
+    offset = 0.5
+    ```
+
+    ```python
+    print(double(report()), math.pi)
+    ```
+    ''')
+
+
+def test_a_copy_carries_exactly_the_context_its_fence_needs(tmp_path):
+    page = tmp_path / "part" / "chap.md"
+    page.parent.mkdir()
+    page.write_text(COPY_PAGE)
+    texts = book.copy_texts(page)
+    last = texts[-1]
+    # the titled fence's definitions are imported, its imports copied
+    assert last.startswith("from __future__ import annotations\n"
+                           "from cave.part.chap import double\nimport math")
+    assert "SCALE = 2" not in last and "def double" not in last
+    # the loop that changes `weights`, the global a function reads
+    assert "weights += 1" in last and "offset = 0.5" in last
+    assert "unrelated" not in last and 'print("trained")' not in last
+    # a fence needing nothing copies as itself
+    assert texts[1] == book.page_fences(page)[1].code
+    # every copy runs alone, apart from the module this page would make
+    for k, text in enumerate(texts[1:-1], 1):
+        exec(compile(text, f"copy{k}", "exec"), {"__name__": "__main__"})
+    namespace = {"__name__": "__main__"}
+    exec(compile(last.replace("from cave.part.chap import double\n", "")
+                 + "\n", "copy", "exec"),
+         {**namespace, "double": lambda x: 2 * x})

@@ -43,6 +43,7 @@ import re
 import sys
 import time
 import types
+from html import escape as html_escape
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # code/cave/book.py -> repo
@@ -795,6 +796,200 @@ def execute(path: Path, use_cache: bool = True) -> list[Output]:
 
 
 # --------------------------------------------------------------------------
+# What a copy button copies: a fence with the context it needs
+# --------------------------------------------------------------------------
+
+_BUILTINS = frozenset(dir(__import__("builtins"))) | {"__name__", "__file__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Statement:
+    fence: int  # index of its fence
+    source: str
+    defines: frozenset
+    uses: frozenset
+    acts: bool  # a call, loop or in-place change: it may change what it uses
+    module: str | None  # the module a titled fence's statement lands in
+    is_import: bool
+
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda,
+           ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _bindings(node: ast.AST) -> set[str]:
+    """The names a statement binds in its own scope (not in the functions,
+    classes and comprehensions it holds)."""
+    found, todo = set(), list(ast.iter_child_nodes(node))
+    if isinstance(node, _SCOPES):
+        return set()
+    while todo:
+        sub = todo.pop()
+        if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+            found.add(sub.id)
+        elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef,
+                              ast.ClassDef)):
+            found.add(sub.name)
+        if not isinstance(sub, _SCOPES):
+            todo.extend(ast.iter_child_nodes(sub))
+    return found
+
+
+def _free_names(node: ast.AST) -> set[str]:
+    """The names a statement reads from outside: a function's parameters
+    and locals, a comprehension's variables, a loop's target are not."""
+    if isinstance(node, ast.Name):
+        return set() if isinstance(node.ctx, ast.Store) else {node.id}
+    free = set()
+    for child in ast.iter_child_nodes(node):
+        free |= _free_names(child)
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                         ast.Lambda)):
+        a = node.args
+        params = a.posonlyargs + a.args + a.kwonlyargs + [
+            x for x in (a.vararg, a.kwarg) if x is not None]
+        own = {x.arg for x in params}
+        for stmt in getattr(node, "body", []) if isinstance(
+                node.body, list) else []:
+            own |= _bindings(stmt) | (
+                {stmt.name} if isinstance(stmt, _SCOPES[:3]) else set())
+        free -= own
+    elif isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp,
+                           ast.GeneratorExp)):
+        for gen in node.generators:
+            free -= _bindings(ast.Expr(gen.target)) | {
+                n.id for n in ast.walk(gen.target) if isinstance(n, ast.Name)}
+    elif isinstance(node, ast.AugAssign) and isinstance(node.target,
+                                                         ast.Name):
+        free.add(node.target.id)  # x += 1 reads x first
+    elif isinstance(node, (ast.For, ast.AsyncFor)):
+        free -= _stored(node.target) - _free_names(node.iter)
+    elif isinstance(node, (ast.With, ast.AsyncWith)):
+        for item in node.items:
+            if item.optional_vars is not None:
+                free -= _stored(item.optional_vars)
+    elif isinstance(node, ast.ExceptHandler) and node.name:
+        free.discard(node.name)
+    return free
+
+
+def _stored(target: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+
+
+def _statements(path: Path) -> list[_Statement]:
+    """Every top-level statement of a page's fences, with the names it
+    binds and the names it reads."""
+    found = []
+    for k, fence in enumerate(page_fences(path)):
+        try:
+            tree = ast.parse(fence.code)
+        except SyntaxError:
+            continue
+        lines = fence.code.splitlines()
+        module = None
+        if fence.title:
+            module = fence.title[:-3].replace("/", ".")
+        for node in tree.body:
+            first = min([node.lineno] + [d.lineno for d in getattr(
+                node, "decorator_list", [])])
+            defines, uses = set(), set()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                 ast.ClassDef)):
+                defines.add(node.name)
+            is_import = isinstance(node, (ast.Import, ast.ImportFrom))
+            if is_import:
+                defines |= {(a.asname or a.name).split(".")[0]
+                            for a in node.names}
+            uses = _free_names(node)
+            defines |= _bindings(node)
+            printing = (isinstance(node, ast.Expr) and isinstance(
+                node.value, ast.Call) and getattr(node.value.func, "id",
+                                                  "") == "print")
+            acts = not printing and (isinstance(node, (
+                ast.Expr, ast.For, ast.While, ast.With, ast.If, ast.Try,
+                ast.AugAssign)) or (isinstance(node, ast.Assign) and any(
+                    not isinstance(t, ast.Name) for t in node.targets)))
+            found.append(_Statement(
+                k, "\n".join(lines[first - 1:node.end_lineno]),
+                frozenset(defines), frozenset(uses - _BUILTINS), acts,
+                module, is_import))
+    return found
+
+
+def copy_context(path: Path, index: int,
+                 statements: list[_Statement] | None = None) -> list[str]:
+    """The code fence `index` needs from the fences above it, so that it
+    runs pasted alone into a fresh Python that has the package: a list of
+    statements, in the page's order, imports first.
+
+    A backward slice: walking up from the fence, keep every statement that
+    binds a name still needed, or acts on one (a training loop changes the
+    model it uses); its own names become needed in turn. What a titled
+    fence defined is imported from the module instead of copied.
+    """
+    statements = _statements(path) if statements is None else statements
+    wanted, bound = set(), set()
+    for st in statements:
+        if st.fence == index:
+            wanted |= st.uses - bound
+            bound |= st.defines
+    modules = set().union(*(s.defines for s in statements if s.is_import))
+    earlier = [s for s in statements if s.fence < index]
+    while True:  # a function reads its globals when called, not defined:
+        needed = set(wanted)  # walk again until what they read is kept
+        kept, imports, deferred = [], {}, set()
+        for st in reversed(earlier):
+            if not (st.defines & needed or
+                    (st.acts and st.uses & needed - modules)):
+                continue
+            if st.module is not None and not st.is_import:
+                for name in sorted(st.defines & needed):
+                    imports.setdefault(st.module, set()).add(name)
+                needed -= st.defines
+                continue
+            kept.append(st.source)
+            if not st.acts:
+                needed -= st.defines
+            needed |= st.uses
+            if st.source.lstrip().startswith(("def ", "class ", "@",
+                                              "async def ")):
+                deferred |= st.uses
+        if deferred <= wanted:
+            break
+        wanted |= deferred
+    head = [f"from {m} import {', '.join(sorted(n))}"
+            for m, n in sorted(imports.items())]
+    body = [s for s in reversed(kept)]
+    own = "\n".join(s.source for s in statements if s.fence == index)
+    future = "from __future__ import annotations"  # for annotations in
+    if future in body or (future not in own and re.search(  # what it defines
+            r"^\s*(async def|def|class) ", "\n".join(body + [own]), re.M)
+            and any(future in s.source for s in earlier)):
+        head.insert(0, future)
+    return head + [s for s in body if s != future]
+
+
+def copy_pieces(path: Path) -> list[list[str]]:
+    """For each fence, what its copy button copies, in pieces: the
+    statements of its context, then the fence's own code. A lab is a
+    script meant to run whole: a cell copies with every cell above it (a
+    lab's run in order proves every such copy)."""
+    if Path(path).suffix == ".py":
+        codes = [fence.code for fence in page_fences(path)]
+        return [codes[:k + 1] for k in range(len(codes))]
+    statements = _statements(path)
+    return [copy_context(path, k, statements) + [fence.code]
+            for k, fence in enumerate(page_fences(path))]
+
+
+def copy_texts(path: Path) -> list[str]:
+    """What each fence's copy button copies: its context, then itself."""
+    return ["\n".join(p[:-1]) + ("\n\n" if len(p) > 1 else "") + p[-1]
+            for p in copy_pieces(path)]
+
+
+# --------------------------------------------------------------------------
 # Notebooks
 # --------------------------------------------------------------------------
 
@@ -943,6 +1138,36 @@ def on_page_markdown(markdown, page, config, files):
                      "{ .md-button .cave-notebook }")
     return re.sub(r"^(# .*\n)", lambda m: m.group(1) + "\n" +
                   " ".join(links) + "\n", markdown, count=1, flags=re.M)
+
+
+_PYTHON_BLOCK = re.compile(
+    r'<div class="language-(?:python|py|python3) highlight">')
+
+
+def on_page_content(html, page, config, files):
+    """Give each Python block whose fence needs earlier code the text its
+    copy button copies (Material copies a `data-copy` attribute when a
+    block has one): the context, then the fence."""
+    src = page.file.src_uri
+    if src not in _PAGE_OUTPUTS:
+        return html
+    source = _LAB_SOURCES.get(src) or Path(page.file.abs_src_path)
+    pieces = copy_pieces(source)
+    blocks = list(_PYTHON_BLOCK.finditer(html))
+    if len(blocks) != len(pieces):
+        raise ValueError(f"{src}: {len(blocks)} Python blocks rendered, "
+                         f"{len(pieces)} fences read: the copy buttons "
+                         "cannot be matched to their fences")
+    for match, parts in reversed(list(zip(blocks, pieces))):
+        if len(parts) == 1:
+            continue
+        text = "\n".join(parts[:-1]) + "\n\n" + parts[-1]
+        extra = sum(len(p.splitlines()) for p in parts[:-1])
+        tag = (match.group(0)[:-1] +
+               f' data-copy="{html_escape(text.rstrip())}"'
+               f' data-copy-lines="{extra}">')
+        html = html[:match.start()] + tag + html[match.end():]
+    return html
 
 
 def on_post_build(config):
