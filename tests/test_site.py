@@ -187,3 +187,24 @@ def test_search_finds_a_word_from_a_chapter(served, browser):
     link = result.query_selector("a").get_attribute("href")
     assert "fundamentals/essentials" in link, link
     page.close()
+
+
+def test_copy_buttons_carry_each_fences_context(site):
+    """Material copies a block's data-copy attribute when it has one: every
+    fence that needs code from above carries exactly its copy text."""
+    import html as html_lib
+
+    for page in book.pages():
+        part, stem = page.with_suffix("").parts[-2:]
+        text = (site / part / stem / "index.html").read_text()
+        blocks = re.findall(
+            r'<div class="language-python highlight"([^>]*)>', text)
+        pieces = book.copy_pieces(page)
+        assert len(blocks) == len(pieces), f"{part}/{stem}"
+        for attrs, parts, copy in zip(blocks, pieces, book.copy_texts(page)):
+            found = re.search(r'data-copy="([^"]*)"', attrs)
+            if len(parts) == 1:
+                assert found is None
+            else:
+                assert found, f"{part}/{stem}: a fence lost its context"
+                assert html_lib.unescape(found.group(1)) == copy.rstrip()
