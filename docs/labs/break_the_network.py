@@ -118,7 +118,9 @@ plt.show()
 # **Naive initialisation.** With every weight drawn from $N(0, 1)$, a
 # unit sums 784 (or 1,024) inputs each multiplied by a weight of variance
 # 1, so the signal's standard deviation grows by about $\sqrt{784} = 28$
-# per layer. Batch norm repairs the hidden layers (it divides the scale
+# at the first layer and by about $\sqrt{1024} = 32$ at the two after it,
+# whose inputs are 1,024 hidden units (a ReLU in between halves the mean
+# square, which brings that to about 23). Batch norm repairs the hidden layers (it divides the scale
 # away), but the last layer has no batch norm after it: its logits come
 # out in the tens, and the first loss printed above is huge. Adam's steps
 # of about the learning rate per weight would need thousands of steps to

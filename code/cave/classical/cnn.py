@@ -36,7 +36,7 @@ from cave.fundamentals.deep_networks import BatchNorm1d, TrainConfig, train
 from cave.fundamentals.essentials import pick_device, seed_everything
 
 
-# § im2col: a convolution is one matrix product (docs/classical/cnn.md:166)
+# § im2col: a convolution is one matrix product (docs/classical/cnn.md:172)
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, as the pair (height, width), checked."""
     pair = (value, value) if isinstance(value, int) else value
@@ -95,7 +95,7 @@ def unfold(x: torch.Tensor, kernel_size, dilation=1, padding=0,
     return columns.view(len(columns), len(x), Ho * Wo).transpose(0, 1)
 
 
-# § The convolution (docs/classical/cnn.md:259)
+# § The convolution (docs/classical/cnn.md:265)
 def conv2d(x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
@@ -137,7 +137,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor,
     return y
 
 
-# § The layer (docs/classical/cnn.md:346)
+# § The layer (docs/classical/cnn.md:352)
 class Conv2d(nn.Module):
     """A convolutional layer on conv2d; interchangeable with nn.Conv2d."""
 
@@ -186,7 +186,7 @@ class Conv2d(nn.Module):
                 f"groups={self.groups}, bias={self.bias is not None}")
 
 
-# § Pooling (docs/classical/cnn.md:446)
+# § Pooling (docs/classical/cnn.md:457)
 def _pool_windows(x: torch.Tensor, kernel_size, stride, padding,
                   dilation, pad_value: float, name: str):
     """Each channel's windows as columns: (kh * kw, N * C * L), (Ho, Wo)."""
@@ -264,7 +264,7 @@ class AvgPool2d(nn.Module):
                 f"count_include_pad={self.count_include_pad}")
 
 
-# § Batch normalisation for images (docs/classical/cnn.md:578)
+# § Batch normalisation for images (docs/classical/cnn.md:595)
 class BatchNorm2d(BatchNorm1d):
     """Batch norm of (N, C, H, W): statistics per channel over N, H, W.
 
@@ -281,7 +281,7 @@ class BatchNorm2d(BatchNorm1d):
         return y.view(N, C, H, W)
 
 
-# § Receptive fields (docs/classical/cnn.md:643)
+# § Receptive fields (docs/classical/cnn.md:665)
 def receptive_field(layers) -> list[tuple[int, int]]:
     """(size, jump) after each layer of a chain of (kernel, stride,
     dilation) triples, the input's side first: r += (k - 1) d j; j *= s."""
@@ -293,7 +293,7 @@ def receptive_field(layers) -> list[tuple[int, int]]:
     return fields
 
 
-# § Residual blocks (docs/classical/cnn.md:738)
+# § Residual blocks (docs/classical/cnn.md:766)
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions, each with batch norm, and a shortcut.
 
@@ -330,7 +330,7 @@ class ResidualBlock(nn.Module):
         return F.relu(h)
 
 
-# § A small ResNet (docs/classical/cnn.md:789)
+# § A small ResNet (docs/classical/cnn.md:822)
 @dataclasses.dataclass
 class ResNetConfig:
     in_channels: int = 1  # MNIST digits are grey
@@ -427,18 +427,19 @@ class ResNet(nn.Module):
         return self.head(self.dropout(h))  # (B, classes)
 
 
-# § Training on MNIST (docs/classical/cnn.md:1014)
+# § Training on MNIST (docs/classical/cnn.md:1065)
 RECIPE = TrainConfig(
     epochs=15,  # 20 gained about 0.1 % (2 digits) for a third more time
     batch_size=128,  # 63 steps an epoch; batch norm wants >= 32
     lr=3e-3,  # peak; 1e-2 also worked, but its early epochs were erratic
     label_smoothing=0.1,  # the largest gain we found, on every seed
     max_shift=2,  # random shifts: the cheapest cure for 8,000 digits
-    bf16=True,  # the matrix products in bfloat16: faster on CPU and GPU
+    bf16=True,  # matrix products in bfloat16: faster where the hardware
+    # has bf16 units; the essentials chapter (section 19) times it
 )
 
 
-# § The full run (docs/classical/cnn.md:1059)
+# § The full run (docs/classical/cnn.md:1111)
 def full_run(device: str | None = None, **overrides) -> dict:
     """Train the recipe on the book's MNIST split; return its record.
 

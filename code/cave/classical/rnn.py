@@ -53,7 +53,7 @@ def rnn_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor | None,
     return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
 
 
-# § The LSTM: a memory the gradient can travel along (docs/classical/rnn.md:153)
+# § The LSTM: a memory the gradient can travel along (docs/classical/rnn.md:159)
 def lstm_step(gi: Tensor, h: Tensor, c: Tensor, w_hh: Tensor,
               b_hh: Tensor | None) -> tuple[Tensor, Tensor]:
     """One LSTM step; gi = x W_ih^T + b_ih (B, 4H), gates i, f, g, o."""
@@ -66,7 +66,7 @@ def lstm_step(gi: Tensor, h: Tensor, c: Tensor, w_hh: Tensor,
     return h, c
 
 
-# § The GRU: two gates instead of three (docs/classical/rnn.md:189)
+# § The GRU: two gates instead of three (docs/classical/rnn.md:201)
 def gru_step(gi: Tensor, h: Tensor, w_hh: Tensor,
              b_hh: Tensor | None) -> Tensor:
     """One GRU step; gi = x W_ih^T + b_ih (B, 3H), gates r, z, n."""
@@ -81,7 +81,7 @@ def gru_step(gi: Tensor, h: Tensor, w_hh: Tensor,
     return (1 - z) * n + z * h  # (B, H)
 
 
-# § Cells (docs/classical/rnn.md:213)
+# § Cells (docs/classical/rnn.md:231)
 class _Cell(nn.Module):
     gates = 1  # rows of weight_ih per hidden unit: 1, 4 (LSTM), 3 (GRU)
 
@@ -176,7 +176,7 @@ class GRUCell(_Cell):
         return gru_step(self._gi(x), h, self.weight_hh, self.bias_hh)
 
 
-# § Layers: sequences, stacks, both directions, ragged batches (docs/classical/rnn.md:364)
+# § Layers: sequences, stacks, both directions, ragged batches (docs/classical/rnn.md:387)
 class _Recurrent(nn.Module):
     gates = 1
     n_states = 1  # tensors in the state: 1, or 2 for the LSTM's (h, c)
@@ -381,7 +381,7 @@ class GRU(_Recurrent):
         return (gru_step(gi, state[0], w_hh, b_hh),)
 
 
-# § Backpropagation through time (docs/classical/rnn.md:709)
+# § Backpropagation through time (docs/classical/rnn.md:738)
 def rnn_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
                 b: Tensor) -> Tensor:
     """Every state h_1..h_T (B, T, H) of h_t = tanh(x_t W_ih^T + h W_hh^T + b).
@@ -425,7 +425,7 @@ def rnn_backward(x: Tensor, h0: Tensor, hs: Tensor, w_ih: Tensor,
             "dh_norms": dh_norms}
 
 
-# § Gradient clipping (docs/classical/rnn.md:899)
+# § Gradient clipping (docs/classical/rnn.md:936)
 def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
                     norm_type: float = 2.0, error_if_nonfinite: bool = False,
                     foreach: bool | None = None) -> Tensor:
@@ -459,7 +459,7 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float,
     return total
 
 
-# § Sequence to sequence with additive attention (docs/classical/rnn.md:1032)
+# § Sequence to sequence with additive attention (docs/classical/rnn.md:1080)
 class BahdanauAttention(nn.Module):
     """score_j = v^T tanh(W_q s + W_k h_j); weights = softmax over j.
 
@@ -568,7 +568,7 @@ class Seq2Seq(nn.Module):
         return torch.stack(ids, 1), torch.stack(weights, 1)
 
 
-# § Training, and exact match (docs/classical/rnn.md:1184)
+# § Training, and exact match (docs/classical/rnn.md:1232)
 @dataclasses.dataclass
 class Seq2SeqTrainConfig:
     epochs: int = 2  # one pass nearly solves it in our runs; two for sure
@@ -615,7 +615,7 @@ def train_seq2seq(model: Seq2Seq, task: DateTask,
     return losses
 
 
-# § Character-level Shakespeare (docs/classical/rnn.md:1340)
+# § Character-level Shakespeare (docs/classical/rnn.md:1394)
 @dataclasses.dataclass
 class CharLSTMConfig:
     vocab_size: int = 65  # Tiny Shakespeare's distinct characters
@@ -704,7 +704,7 @@ def train_char_lstm(model: CharLSTM, train_ids: Tensor,
     return losses
 
 
-# § From the command line (docs/classical/rnn.md:1514)
+# § From the command line (docs/classical/rnn.md:1574)
 TEMPERATURES = (0.5, 0.8, 1.2)  # samples recorded at each
 
 

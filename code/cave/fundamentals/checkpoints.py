@@ -233,7 +233,7 @@ def save_safetensors(path: str | Path, tensors: dict[str, Tensor],
     write_atomic(Path(path), safetensors_bytes(tensors, metadata))
 
 
-# § Writing atomically (docs/fundamentals/checkpoints.md:388)
+# § Writing atomically (docs/fundamentals/checkpoints.md:391)
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file so that a crash leaves either the old file or the new.
 
@@ -264,7 +264,7 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-# § A checkpoint is a folder (docs/fundamentals/checkpoints.md:446)
+# § A checkpoint is a folder (docs/fundamentals/checkpoints.md:449)
 def save_checkpoint(out_dir: str | Path, files: dict[str, bytes],
                     step: int, keep: int = 1) -> Path:
     """Write a checkpoint's files as out_dir/step-NNNNNN and point
@@ -297,7 +297,7 @@ def save_checkpoint(out_dir: str | Path, files: dict[str, bytes],
     return final
 
 
-# § Every random state (docs/fundamentals/checkpoints.md:496)
+# § Every random state (docs/fundamentals/checkpoints.md:499)
 def rng_states() -> dict:
     """Every global random state, as JSON-ready values."""
     def b64(t: Tensor) -> str:  # a uint8 tensor as base64 text
@@ -351,7 +351,7 @@ def set_rng_states(states: dict, source: str = "<rng states>") -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-# § The optimiser's state (docs/fundamentals/checkpoints.md:575)
+# § The optimiser's state (docs/fundamentals/checkpoints.md:578)
 def optimizer_to_files(optimizer: torch.optim.Optimizer
                        ) -> tuple[dict[str, Tensor], list[dict]]:
     """An optimiser's state_dict as (tensors, JSON-ready param_groups)."""
@@ -384,7 +384,7 @@ def optimizer_from_files(tensors: dict[str, Tensor], groups: list[dict]
     return {"state": state, "param_groups": groups}
 
 
-# § Saving and loading a checkpoint (docs/fundamentals/checkpoints.md:617)
+# § Saving and loading a checkpoint (docs/fundamentals/checkpoints.md:624)
 def checkpoint_files(model: nn.Module,
                      optimizer: torch.optim.Optimizer | None,
                      state: dict, config: dict,
@@ -520,7 +520,7 @@ def restore_checkpoint(checkpoint: dict, model: nn.Module,
     return state
 
 
-# § Recording a full run (docs/fundamentals/checkpoints.md:871)
+# § Recording a full run (docs/fundamentals/checkpoints.md:888)
 def environment() -> dict:
     """The machine a measurement was made on, as JSON-ready values."""
     load = [round(x, 2) for x in os.getloadavg()] \

@@ -33,7 +33,7 @@ from cave.fundamentals.essentials import (eval_mode, pick_device,
                                           seed_everything)
 
 
-# § Batch normalisation (docs/fundamentals/deep_networks.md:130)
+# § Batch normalisation (docs/fundamentals/deep_networks.md:135)
 class BatchNorm1d(nn.Module):
     """Batch normalisation over (N, C) or (N, C, L) inputs.
 
@@ -115,7 +115,7 @@ class BatchNorm1d(nn.Module):
                 f"track_running_stats={self.track_running_stats}")
 
 
-# § Dropout (docs/fundamentals/deep_networks.md:326)
+# § Dropout (docs/fundamentals/deep_networks.md:336)
 class Dropout(nn.Module):
     """Inverted dropout: zero with probability p, scale the rest by 1/(1-p).
 
@@ -142,7 +142,7 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-# § Adam (docs/fundamentals/deep_networks.md:403)
+# § Adam (docs/fundamentals/deep_networks.md:419)
 class Adam(torch.optim.Optimizer):
     """Adam (Kingma and Ba, 2015), step for step equal to torch.optim.Adam.
 
@@ -196,7 +196,7 @@ class Adam(torch.optim.Optimizer):
         return loss
 
 
-# § The multi-layer perceptron (docs/fundamentals/deep_networks.md:491)
+# § The multi-layer perceptron (docs/fundamentals/deep_networks.md:512)
 @dataclasses.dataclass
 class MLPConfig:
     in_features: int = 28 * 28  # an MNIST image, flattened
@@ -280,7 +280,7 @@ class MLP(nn.Module):
         return self.layers(x)  # (B, classes)
 
 
-# § Training, validation, and keeping the best model (docs/fundamentals/deep_networks.md:671)
+# § Training, validation, and keeping the best model (docs/fundamentals/deep_networks.md:701)
 def one_cycle_lr(step: int, total: int, max_lr: float,
                  warmup: float = 0.2) -> float:
     """Linear warm-up over the first `warmup` of the steps, then cosine."""
@@ -431,7 +431,7 @@ def train(model: nn.Module, train_data, val_data,
     return history
 
 
-# § From the command line (docs/fundamentals/deep_networks.md:954)
+# § From the command line (docs/fundamentals/deep_networks.md:993)
 def full_run(device: str | None = None, **overrides) -> dict:
     """Train the recipe on the book's MNIST split; return its record.
 

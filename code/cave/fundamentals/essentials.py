@@ -61,7 +61,7 @@ def max_diff(a, b) -> float:
     return (a.cpu().double() - b.cpu().double()).abs().max().item()
 
 
-# § 6. nn.Module and parameters (docs/fundamentals/essentials.md:345)
+# § 6. nn.Module and parameters (docs/fundamentals/essentials.md:350)
 class Linear(nn.Module):
     """y = x W^T + b on raw Parameters, initialised like nn.Linear.
 
@@ -103,7 +103,7 @@ class Linear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-# § 9. Softmax and masking (docs/fundamentals/essentials.md:523)
+# § 9. Softmax and masking (docs/fundamentals/essentials.md:528)
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
     """exp(x - max) / sum(exp(x - max)) along `dim`; stable for any x.
 
@@ -191,7 +191,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor,
     return weights @ v  # (..., L, S) @ (..., S, Ev) -> (..., L, Ev)
 
 
-# § 11. Normalisation (docs/fundamentals/essentials.md:758)
+# § 11. Normalisation (docs/fundamentals/essentials.md:763)
 def layer_norm(x: Tensor, normalized_shape: int | tuple[int, ...],
                weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5) -> Tensor:
@@ -219,7 +219,7 @@ def layer_norm(x: Tensor, normalized_shape: int | tuple[int, ...],
     return y
 
 
-# § 12. Feed-forward layers (docs/fundamentals/essentials.md:828)
+# § 12. Feed-forward layers (docs/fundamentals/essentials.md:833)
 def gelu(x: Tensor) -> Tensor:
     """x * Phi(x), Phi the standard normal CDF (F.gelu's exact form)."""
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
@@ -244,7 +244,7 @@ class FeedForward(nn.Module):
         return self.down(self.drop(h))  # (..., hidden) -> (..., dim)
 
 
-# § 13. Dropout (docs/fundamentals/essentials.md:887)
+# § 13. Dropout (docs/fundamentals/essentials.md:892)
 def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     """Zero each element with probability p, scale survivors by 1/(1-p).
 
@@ -261,7 +261,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     return x * keep
 
 
-# § 14. Losses (docs/fundamentals/essentials.md:950)
+# § 14. Losses (docs/fundamentals/essentials.md:955)
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100,
                   label_smoothing: float = 0.0) -> Tensor:
     """Mean of -log softmax(logits)[target] over targets != ignore_index.
@@ -305,7 +305,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100,
     return loss.sum() / valid.sum()
 
 
-# § 15. Optimiser steps (docs/fundamentals/essentials.md:1052)
+# § 15. Optimiser steps (docs/fundamentals/essentials.md:1057)
 @torch.no_grad()
 def sgd_step(params: Iterable[Tensor], lr: float, momentum: float = 0.0,
              weight_decay: float = 0.0,
@@ -369,7 +369,7 @@ class SGD:
         self.buffers = list(state["buffers"])
 
 
-# § 16. The training loop (docs/fundamentals/essentials.md:1160)
+# § 16. The training loop (docs/fundamentals/essentials.md:1165)
 def seed_everything(seed: int, deterministic: bool = False
                     ) -> torch.Generator:
     """Seed Python, NumPy (if imported) and PyTorch; return a generator.
@@ -422,7 +422,7 @@ def smooth(values: Sequence[float], window: int = 20) -> list[float]:
     return ((sums[end] - sums[start]) / (end - start)).tolist()
 
 
-# § 20. Device management (docs/fundamentals/essentials.md:1535)
+# § 20. Device management (docs/fundamentals/essentials.md:1574)
 def pick_device(name: str | torch.device | None = None) -> torch.device:
     """The device named ("cpu", "cuda", "cuda:1", ...), checked; with no
     name, the first CUDA GPU if PyTorch can see one, else the CPU."""

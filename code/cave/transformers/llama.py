@@ -127,7 +127,7 @@ class LlamaConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
 
-# § RMSNorm (docs/transformers/llama.md:223)
+# § RMSNorm (docs/transformers/llama.md:228)
 def at_least_float32(x: Tensor) -> Tensor:
     """x in float32, or in float64 if it is already: never less precise."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -157,7 +157,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-# § Rotary position embeddings (docs/transformers/llama.md:335)
+# § Rotary position embeddings (docs/transformers/llama.md:340)
 def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0
                 ) -> tuple[Tensor, Tensor]:
     """cos and sin of m * theta_i for each position m and pair i.
@@ -207,7 +207,7 @@ def apply_rope_halves(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos2 + rotated * sin2).type_as(x)  # (..., T, d)
 
 
-# § Grouped-query attention (docs/transformers/llama.md:516)
+# § Grouped-query attention (docs/transformers/llama.md:521)
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """(B, H_kv, S, d) -> (B, H_kv * n_rep, S, d): kv head j serves query
     heads j * n_rep ... (j + 1) * n_rep - 1, as repeat_interleave does."""
@@ -218,7 +218,7 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x.reshape(B, H_kv * n_rep, S, d)  # (B, H, S, d)
 
 
-# § The KV cache (docs/transformers/llama.md:543)
+# § The KV cache (docs/transformers/llama.md:548)
 class KVCache:
     """Keys and values of past positions, per layer, preallocated.
 
@@ -261,7 +261,7 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-# § The attention layer (docs/transformers/llama.md:610)
+# § The attention layer (docs/transformers/llama.md:615)
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -311,7 +311,7 @@ class Attention(nn.Module):
         return self.wo(y)  # (B, T, C)
 
 
-# § What grouping saves (docs/transformers/llama.md:720)
+# § What grouping saves (docs/transformers/llama.md:725)
 def kv_cache_bytes(config: LlamaConfig, batch_size: int = 1,
                    seq_len: int | None = None,
                    dtype: torch.dtype = torch.bfloat16) -> int:
@@ -323,7 +323,7 @@ def kv_cache_bytes(config: LlamaConfig, batch_size: int = 1,
     return per_token * seq_len * batch_size * itemsize
 
 
-# § SwiGLU feed-forward (docs/transformers/llama.md:776)
+# § SwiGLU feed-forward (docs/transformers/llama.md:781)
 class FeedForward(nn.Module):
     """w2(silu(w1 x) * w3 x): SwiGLU, with no biases."""
 
@@ -339,7 +339,7 @@ class FeedForward(nn.Module):
         return self.drop(self.w2(gate * self.w3(x)))  # (..., dim)
 
 
-# § The block and the model (docs/transformers/llama.md:835)
+# § The block and the model (docs/transformers/llama.md:846)
 class Block(nn.Module):
     """x + attn(norm(x)), then + ffn(norm(.)): a pre-norm LLaMA block."""
 
@@ -436,7 +436,7 @@ class Llama(nn.Module):
         return generate(self, idx, max_new_tokens, **kwargs)
 
 
-# § Sampling: temperature, top-k, top-p (docs/transformers/llama.md:1030)
+# § Sampling: temperature, top-k, top-p (docs/transformers/llama.md:1052)
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """Logits below the k-th largest along the last dim set to -inf."""
     if not isinstance(k, int) or k < 1:
@@ -486,7 +486,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
-# § `generate` (docs/transformers/llama.md:1151)
+# § `generate` (docs/transformers/llama.md:1173)
 def _next_logits(model: nn.Module, idx: Tensor, cache: KVCache | None,
                  n_cached: int) -> Tensor:
     """Logits (B, V) after idx (B, T), reusing the n_cached cached tokens;
@@ -525,7 +525,7 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int,
     return idx
 
 
-# § Beam search (docs/transformers/llama.md:1259)
+# § Beam search (docs/transformers/llama.md:1287)
 @torch.no_grad()
 def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int,
                 beam_width: int = 4, eos_id: int | None = None,
@@ -581,7 +581,7 @@ def beam_search(model: nn.Module, idx: Tensor, max_new_tokens: int,
     return tokens[None], score
 
 
-# § The Hugging Face layout (docs/transformers/llama.md:1447)
+# § The Hugging Face layout (docs/transformers/llama.md:1475)
 def permute_to_halves(w: Tensor, n_heads: int) -> Tensor:
     """Rows of a q or k projection (n_heads * d, in) from interleaved RoPE
     pairs to halves: in each head, rows 0, 2, 4, ... then 1, 3, 5, ..."""

@@ -199,7 +199,7 @@ def sinusoidal_encoding(n_positions: int, d_model: int) -> Tensor:
     return pe
 
 
-# § The other pieces: feed-forward, layer norm, residuals (docs/transformers/transformer.md:430)
+# § The other pieces: feed-forward, layer norm, residuals (docs/transformers/transformer.md:435)
 class LayerNorm(nn.Module):
     """The essentials' layer_norm with a learned gain and bias."""
 
@@ -228,7 +228,7 @@ class PositionwiseFFN(nn.Module):
         return self.linear2(self.dropout(h))  # (..., d_ff) -> (..., C)
 
 
-# § Post-norm or pre-norm (docs/transformers/transformer.md:485)
+# § Post-norm or pre-norm (docs/transformers/transformer.md:496)
 @dataclasses.dataclass
 class TransformerConfig:
     src_vocab: int = len(DateTask.SRC_CHARS) + 3  # characters + specials
@@ -347,7 +347,7 @@ class Decoder(nn.Module):
         return x if self.norm is None else self.norm(x)
 
 
-# § The whole model (docs/transformers/transformer.md:629)
+# § The whole model (docs/transformers/transformer.md:646)
 class Transformer(nn.Module):
     """The encoder-decoder of Vaswani et al. (2017).
 
@@ -451,7 +451,7 @@ def copy_from_torch(ours: Transformer, ref: nn.Transformer) -> None:
             a.norm2.load_state_dict(b.norm2.state_dict())
 
 
-# § Training on the dates (docs/transformers/transformer.md:795)
+# § Training on the dates (docs/transformers/transformer.md:819)
 def noam_lr(step: int, d_model: int, warmup: int, scale: float = 1.0
             ) -> float:
     """The paper's schedule: linear warmup, then 1/sqrt(step) decay."""
@@ -511,7 +511,7 @@ def train_transformer(model: Transformer, task: DateTask,
     return losses
 
 
-# § Decoding: greedy and beam search (docs/transformers/transformer.md:864)
+# § Decoding: greedy and beam search (docs/transformers/transformer.md:894)
 def next_log_probs(model: Transformer, ys: Tensor, memory: Tensor,
                    src_pad: Tensor) -> Tensor:
     """log p(next | ys (B, t), source) over the vocabulary, (B, V);
@@ -584,7 +584,7 @@ def beam_search(model: Transformer, src: Tensor, beam_width: int = 4,
     return ids, score
 
 
-# § What the heads look at (docs/transformers/transformer.md:1015)
+# § What the heads look at (docs/transformers/transformer.md:1058)
 @torch.no_grad()
 def last_attention(model: Transformer, src: Tensor, tgt_in: Tensor
                    ) -> tuple[Tensor, Tensor]:
@@ -601,7 +601,7 @@ def last_attention(model: Transformer, src: Tensor, tgt_in: Tensor
     return enc.weights[0], cross.weights[0]  # (H, S, S), (H, T, S)
 
 
-# § The full run (docs/transformers/transformer.md:1086)
+# § The full run (docs/transformers/transformer.md:1145)
 def full_run(device: str | None = None, **overrides) -> dict:
     """Train the default model for real; return the record
     transformer.json keeps. overrides: TransformerTrainConfig fields."""
