@@ -424,6 +424,8 @@ def test_a_page_the_nav_does_not_list_gets_an_error_saying_what_to_do(
         book.chapter_of(stray)
     assert book.chapter_of(small_book / "docs/p/a.md") == book.Chapter(
         "p", "a")
+    assert any("docs/q/d.md is not in the nav" in problem
+               for problem in book.check())
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The Transformer chapter: attention, layers and the whole model equal
 PyTorch's; decoding; errors at the boundaries."""
 
-import dataclasses
 import itertools
 import math
 

@@ -390,8 +390,15 @@ def tangle(chapter: Chapter) -> str:
 
 
 def check() -> list[str]:
-    """Every difference between the chapters and the modules, explained."""
+    """Every difference between the chapters and the modules, explained;
+    every chapter file the nav does not list."""
     problems = []
+    for page in sorted(DOCS.glob("*/*.md")):
+        if is_chapter_page(page.relative_to(DOCS).as_posix()):
+            try:
+                chapter_of(page)
+            except ValueError as err:
+                problems.append(str(err))
     for chapter in chapters():
         text = chapter.markdown.read_text(encoding="utf-8")
         try:

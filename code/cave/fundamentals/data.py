@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import random
 import struct
 import sys
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 import cave
-from cave.fundamentals.essentials import seed_everything
+from cave.fundamentals.essentials import seed_everything  # taught there
 
 # The files the book ships, as package data: code/cave/_data.
 DATA_DIR: Path = Path(cave.__file__).resolve().parent / "_data"
@@ -58,7 +57,7 @@ def load_results(name: str) -> dict:
     return record
 
 
-# § Checksums (docs/fundamentals/data.md:112)
+# § Checksums (docs/fundamentals/data.md:111)
 # The SHA-256 digest of every file the book ships.
 SHA256: dict[str, str] = {
     "mnist-t10k-images-idx3-ubyte.gz":
@@ -98,7 +97,7 @@ def verify(path: str | Path, sha256: str | None = None) -> Path:
     return path
 
 
-# § Parsing by hand (docs/fundamentals/data.md:238)
+# § Parsing by hand (docs/fundamentals/data.md:237)
 # IDX type code -> (torch dtype, bytes per number)
 IDX_DTYPES: dict[int, tuple[torch.dtype, int]] = {
     0x08: (torch.uint8, 1),
@@ -166,7 +165,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     return raw.contiguous().view(dtype).reshape(shape)  # no copy: a view
 
 
-# § MNIST (docs/fundamentals/data.md:346)
+# § MNIST (docs/fundamentals/data.md:345)
 MNIST_FILES = {
     "images": "mnist-t10k-images-idx3-ubyte.gz",
     "labels": "mnist-t10k-labels-idx1-ubyte.gz",
@@ -201,7 +200,7 @@ def load_mnist(root: str | Path = DATA_DIR
     return images, labels.long()
 
 
-# § Training and validation (docs/fundamentals/data.md:430)
+# § Training and validation (docs/fundamentals/data.md:429)
 def mnist_split(seed: int = 0, val_size: int = 2000,
                 root: str | Path = DATA_DIR):
     """((train_images, train_labels), (val_images, val_labels)).
@@ -222,7 +221,7 @@ def mnist_split(seed: int = 0, val_size: int = 2000,
             (images[val], labels[val]))  # (V, 28, 28), (V,)
 
 
-# § Dataset and DataLoader (docs/fundamentals/data.md:506)
+# § Dataset and DataLoader (docs/fundamentals/data.md:505)
 class MNISTDataset(Dataset):
     """MNIST digits as (image, label): float (1, 28, 28) in [0, 1], int64.
 
@@ -251,7 +250,7 @@ class MNISTDataset(Dataset):
         return x, self.labels[i]
 
 
-# § Tiny Shakespeare (docs/fundamentals/data.md:597)
+# § Tiny Shakespeare (docs/fundamentals/data.md:596)
 SHAKESPEARE_FILE = "tinyshakespeare.txt"
 
 
@@ -261,7 +260,7 @@ def load_shakespeare(root: str | Path = DATA_DIR) -> str:
     return path.read_text(encoding="utf-8")
 
 
-# § A character tokeniser (docs/fundamentals/data.md:639)
+# § A character tokeniser (docs/fundamentals/data.md:638)
 class TokenizerError(DataError):
     """Text or ids outside a tokeniser's vocabulary."""
 
@@ -314,7 +313,7 @@ class CharTokenizer:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
 
-# § Splitting text: contiguous, not shuffled (docs/fundamentals/data.md:729)
+# § Splitting text: contiguous, not shuffled (docs/fundamentals/data.md:728)
 def split_tokens(ids: torch.Tensor, train_fraction: float = 0.9
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `train_fraction` of a 1-D id tensor, and the rest.
@@ -345,7 +344,7 @@ def shakespeare_split(train_fraction: float = 0.9,
     return tokenizer, train, val
 
 
-# § Windows for next-character prediction (docs/fundamentals/data.md:803)
+# § Windows for next-character prediction (docs/fundamentals/data.md:802)
 import base64  # the sampler's state travels in JSON, as base64 text
 
 
@@ -433,7 +432,7 @@ def validation_windows(ids: torch.Tensor, block_size: int,
     return ids[offsets]  # (N, block_size + 1)
 
 
-# § When examples differ in size: `collate_fn` (docs/fundamentals/data.md:939)
+# § When examples differ in size: `collate_fn` (docs/fundamentals/data.md:938)
 def pad_batch(seqs: list[torch.Tensor], pad: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D id tensors -> padded (N, max_len) and their lengths (N,)."""
@@ -446,7 +445,7 @@ def pad_batch(seqs: list[torch.Tensor], pad: int = 0
     return out, lengths
 
 
-# § Seeds and reproducibility (docs/fundamentals/data.md:975)
+# § Seeds and reproducibility (docs/fundamentals/data.md:974)
 def seed_worker(worker_id: int) -> None:
     """A DataLoader `worker_init_fn`: seed Python and NumPy in a worker.
 
@@ -460,10 +459,10 @@ def seed_worker(worker_id: int) -> None:
         sys.modules["numpy"].random.seed(seed)
 
 
-# § A generated task: dates to ISO 8601 (docs/fundamentals/data.md:1136)
+# § A generated task: dates to ISO 8601 (docs/fundamentals/data.md:1135)
 # What the dates task needs beyond the imports at the top of the module.
 import datetime
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 from torch import Tensor
 
