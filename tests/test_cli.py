@@ -320,6 +320,37 @@ def test_run_full_json_writes_elsewhere(tmp_path, capsys, monkeypatch,
     assert code == 2 and "unknown overrides" in one_line(stderr)
 
 
+def test_run_full_in_parts_records_each_part_as_an_entry(
+        tmp_path, capsys, monkeypatch, fake_chapter):
+    module = sys.modules["cave_fake_chapter"]
+    module.FULL_RUN_PARTS = ("small", "large")
+    inner = module.full_run
+    module.full_run = lambda device=None, part=None, **o: {
+        "part": part, **inner(device, **o)}
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path)
+    code, stdout, _ = run_main(capsys, "run", "fake", "--full", "epochs=1")
+    assert code == 0 and stdout.count("recorded part") == 2
+    record = json.loads((tmp_path / "fake.json").read_text())
+    assert sorted(record) == ["large", "small"]
+    assert record["small"]["part"] == "small"
+    assert "cpu_capability" in record["large"]
+    # one part again: that entry is replaced, the other kept
+    code, _, _ = run_main(capsys, "run", "fake", "--full", "part=large",
+                          "epochs=5")
+    record = json.loads((tmp_path / "fake.json").read_text())
+    assert code == 0 and record["small"]["overrides"] == {"epochs": 1}
+    assert record["large"]["overrides"] == {"epochs": 5}
+    code, _, stderr = run_main(capsys, "run", "fake", "--full", "part=huge")
+    assert code == 2 and "parts small, large; got part=huge" in \
+        one_line(stderr)
+
+
+def test_run_full_without_parts_refuses_a_part(capsys, fake_chapter):
+    code, _, stderr = run_main(capsys, "run", "fake", "--full", "part=x")
+    assert code == 2 and "has no parts" in one_line(stderr)
+    assert fake_chapter == []
+
+
 def test_no_chapter_module_parses_arguments():
     for chapter in book.chapters():
         source = chapter.module.read_text()

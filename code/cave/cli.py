@@ -340,10 +340,27 @@ def cmd_run(args, argv: list[str]) -> int:
         have = chapters_with_full_run()
         raise UsageError(f"chapter {chapter.stem} has no full run; "
                          f"chapters with one: {', '.join(have) or 'none'}")
-    record = module.full_run(device=device, **overrides)
-    path = record_results(chapter.stem, record, command(argv),
-                          path=args.json)
-    print(f"recorded {path}")
+    parts = getattr(module, "FULL_RUN_PARTS", None)
+    if parts is None:
+        if "part" in overrides:
+            raise UsageError(f"chapter {chapter.stem}'s full run has no "
+                             f"parts; drop part={overrides['part']}")
+        record = module.full_run(device=device, **overrides)
+        path = record_results(chapter.stem, record, command(argv),
+                              path=args.json)
+        print(f"recorded {path}")
+        return 0
+    # A full run in parts: each part is one entry of the results file, so
+    # re-running one part keeps the others.
+    chosen = overrides.pop("part", None)
+    if chosen is not None and chosen not in parts:
+        raise UsageError(f"chapter {chapter.stem} has full-run parts "
+                         f"{', '.join(parts)}; got part={chosen}")
+    for part in [chosen] if chosen is not None else parts:
+        record = module.full_run(device=device, part=part, **overrides)
+        path = record_results(chapter.stem, record, command(argv),
+                              entry=part, path=args.json)
+        print(f"recorded part {part} in {path}")
     return 0
 
 
