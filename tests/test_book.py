@@ -207,6 +207,37 @@ def test_chapter_run_shares_one_namespace_and_captures_outputs(tmp_path):
     assert out.text == "second 4\n"
     (alt, png), = out.figures
     assert alt == "Twice" and png.startswith(b"\x89PNG")
+    dark, = out.dark  # its twin for the dark scheme
+    assert dark.startswith(b"\x89PNG") and dark != png
+
+
+def test_dark_figures_turn_ink_light_and_keep_colours_and_data():
+    import matplotlib
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")
+    fig, ax = plt.subplots()
+    black, = ax.plot([0, 1], "k-")
+    blue, = ax.plot([1, 0], color="C0")
+    grey = ax.axhline(0.5, color="gray")
+    title = ax.set_title("t")
+    data = [[0.0, 1.0], [1.0, 0.0]]
+    image = ax.imshow(data, cmap="gray")
+    legend = ax.legend(["a", "b"])
+    book._recolour_for_dark(fig)
+    light = mcolors.to_rgba(book.INK_ON_DARK)
+    assert mcolors.to_rgba(black.get_color()) == light
+    assert mcolors.to_rgba(title.get_color()) == light
+    assert mcolors.to_rgba(ax.xaxis.label.get_color()) == light
+    assert mcolors.to_rgba(ax.spines["left"].get_edgecolor()) == light
+    assert mcolors.to_rgba(legend.get_frame().get_facecolor())[:3] == \
+        mcolors.to_rgba(book.PAPER_ON_DARK)[:3]
+    assert mcolors.to_rgba(blue.get_color()) == mcolors.to_rgba("C0")
+    assert mcolors.to_rgba(grey.get_color()) == mcolors.to_rgba("gray")
+    assert image.get_array().tolist() == data and \
+        image.get_cmap().name == "gray"
+    plt.close(fig)
 
 
 def test_a_failing_fence_reports_chapter_lines_and_stops_the_rest(tmp_path):

@@ -75,10 +75,15 @@ def test_every_page_shows_every_figure_its_code_draws(site):
         part, stem = page.with_suffix("").parts[-2:]
         html = (site / part / stem / "index.html").read_text()
         drawn = sum(len(o.figures) for o in book.execute(page))
-        shown = re.findall(r'<img src="(figure-[\d-]+\.png)"', html)
+        shown = re.findall(r'<img src="(figure-[\d-]+\.png)#only-light"',
+                           html)
         assert len(shown) == drawn, \
             f"{part}/{stem}: drew {drawn} figures, the page shows {len(shown)}"
-        for src in shown:
+        dark = re.findall(r'<img src="(figure-[\d-]+-dark\.png)#only-dark"',
+                          html)
+        assert [d.replace("-dark", "") for d in dark] == shown, \
+            f"{part}/{stem}: every figure needs its dark-scheme twin"
+        for src in shown + dark:
             assert (site / part / stem / src).stat().st_size > 1000, src
         assert (site / part / f"{stem}.ipynb").exists()
         if part == "labs":

@@ -51,7 +51,7 @@ DOCS = ROOT / "docs"
 CODE = ROOT / "code"
 OUTPUTS = DOCS / "_outputs"  # recorded outputs, committed with the book
 PYTHON_LANGS = {"python", "py", "python3"}
-RECORD_FORMAT = 2  # bump when the runner changes what a record means
+RECORD_FORMAT = 3  # bump when the runner changes what a record means
 BUDGET_SECONDS = 20.0  # what one page's fences may take on a 2-core CPU
 
 # --------------------------------------------------------------------------
@@ -462,15 +462,63 @@ class Output:
     text: str = ""
     figures: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    dark: list[bytes] = dataclasses.field(default_factory=list)  # figures
+    # recoloured for the dark scheme, one per figure (none: old records)
 
 
-def _collect_figures() -> list[tuple[str, bytes]]:
-    """Every open matplotlib figure as (alt text, PNG bytes); then close."""
+INK_ON_DARK = "#d3d5df"  # text, axes and black lines on the dark scheme
+PAPER_ON_DARK = "#1e2129"  # Material's slate background, for legend boxes
+
+
+def _recolour_for_dark(fig) -> None:
+    """Turn a figure's black ink light and its white paper dark, in place.
+
+    Only greys change: near-black becomes INK_ON_DARK, near-white
+    PAPER_ON_DARK; coloured lines, mid greys and colour-mapped images
+    (whose colours carry data) are left as they are.
+    """
+    import matplotlib.colors as mcolors
+
+    def swap(colour):
+        r, g, b, a = mcolors.to_rgba(colour)
+        if max(r, g, b) - min(r, g, b) > 0.1:  # a colour, not a grey
+            return (r, g, b, a)
+        luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+        if luminance < 0.35:
+            return mcolors.to_rgba(INK_ON_DARK, a)
+        if luminance > 0.9:
+            return mcolors.to_rgba(PAPER_ON_DARK, a)
+        return (r, g, b, a)
+
+    for artist in fig.findobj():
+        if getattr(artist, "get_array", lambda: None)() is not None:
+            continue  # an image or a colour-mapped mesh: data, not ink
+        for name in ("color", "edgecolor", "facecolor", "markeredgecolor",
+                     "markerfacecolor"):
+            get = getattr(artist, f"get_{name}", None)
+            put = getattr(artist, f"set_{name}", None)
+            if get is None or put is None:
+                continue
+            try:
+                value = get()
+                if isinstance(value, str) and value in ("none", "auto"):
+                    continue
+                if hasattr(value, "ndim") and value.ndim == 2:  # per item
+                    put([swap(c) for c in value] if len(value) else value)
+                else:
+                    put(swap(value))
+            except (ValueError, TypeError):
+                continue  # a property that is not a single colour
+
+
+def _collect_figures() -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    """Every open matplotlib figure as (alt text, PNG bytes), and the same
+    figures recoloured for the dark scheme; then close them all."""
     if "matplotlib.pyplot" not in sys.modules:
-        return []
+        return [], []
     import matplotlib.pyplot as plt
 
-    figures = []
+    figures, dark = [], []
     for number in plt.get_fignums():
         fig = plt.figure(number)
         title = fig._suptitle.get_text() if fig._suptitle else ""
@@ -479,8 +527,13 @@ def _collect_figures() -> list[tuple[str, bytes]]:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
         figures.append((title, buffer.getvalue()))
+        _recolour_for_dark(fig)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight",
+                    transparent=True)
+        dark.append(buffer.getvalue())
     plt.close("all")
-    return figures
+    return figures, dark
 
 
 _FUTURE_FLAGS = 0
@@ -583,8 +636,9 @@ class ChapterRun:
             self.failed = self.done
             _collect_figures()
             raise
-        result = Output(fence.line, out.getvalue(), _collect_figures(),
-                        time.perf_counter() - start)
+        figures, dark = _collect_figures()  # drawing them counts too
+        result = Output(fence.line, out.getvalue(), figures,
+                        time.perf_counter() - start, dark)
         self.outputs.append(result)
         return result
 
@@ -769,7 +823,9 @@ def save_outputs(run: ChapterRun) -> None:
         "outputs": [{"line": o.line, "text": o.text,
                      "seconds": round(o.seconds, 3),
                      "figures": [[alt, base64.b64encode(png).decode()]
-                                 for alt, png in o.figures]}
+                                 for alt, png in o.figures],
+                     "dark": [base64.b64encode(png).decode()
+                              for png in o.dark]}
                     for o in run.outputs]}
     target = record_path(run.path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -781,7 +837,9 @@ def save_outputs(run: ChapterRun) -> None:
 def _outputs_of(record: dict) -> list[Output]:
     return [Output(o["line"], o["text"],
                    [(alt, base64.b64decode(png)) for alt, png in o["figures"]],
-                   o["seconds"]) for o in record["outputs"]]
+                   o["seconds"],
+                   [base64.b64decode(png) for png in o.get("dark", [])])
+            for o in record["outputs"]]
 
 
 def load_outputs(path: Path) -> list[Output] | None:
@@ -1091,13 +1149,25 @@ def _render_outputs(markdown: str, outputs: list[Output], url: str) -> str:
             block += ["", f"{pad}{ticks}{{.text .cave-output}}"]
             block += [pad + line for line in output.text.rstrip().split("\n")]
             block += [f"{pad}{ticks}"]
-        for k, (alt, png) in enumerate(output.figures):
+        dark = output.dark if len(output.dark) == len(output.figures) \
+            else [None] * len(output.figures)
+        for k, ((alt, png), dark_png) in enumerate(zip(output.figures,
+                                                        dark)):
             name = f"figure-{index + 1}-{k + 1}.png"
             _FIGURES[url + name] = (alt, png)
             alt = alt.replace('"', "&quot;").replace("<", "&lt;")
-            block += ["", f'{pad}<figure class="cave-figure" markdown>',
-                      f'{pad}<img src="{name}" alt="{alt}" loading="lazy">',
-                      f"{pad}</figure>"]
+            block += ["", f'{pad}<figure class="cave-figure" markdown>']
+            if dark_png is None:  # an old record: the light one for both
+                block.append(f'{pad}<img src="{name}" alt="{alt}" '
+                             f'loading="lazy">')
+            else:  # Material shows one or the other by the colour scheme
+                dark_name = name.replace(".png", "-dark.png")
+                _FIGURES[url + dark_name] = (alt, dark_png)
+                block += [f'{pad}<img src="{name}#only-light" alt="{alt}" '
+                          f'loading="lazy">',
+                          f'{pad}<img src="{dark_name}#only-dark" '
+                          f'alt="{alt}" loading="lazy">']
+            block.append(f"{pad}</figure>")
         lines[fence.end:fence.end] = block
     return "\n".join(lines) + "\n"
 
