@@ -238,3 +238,102 @@ def test_shipped_data_is_package_data(name, sha):
 
     data = files("cave").joinpath("_data", name).read_bytes()
     assert hashlib.sha256(data).hexdigest().startswith(sha)
+
+
+# --------------------------------------------------------------------------
+# The rhythm of a chapter (CONTRIBUTING.md, "A chapter's skeleton")
+# --------------------------------------------------------------------------
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """(title, body) of every level-2 section, body up to the next one."""
+    lines = text.splitlines()
+    starts = [(n, t) for n, t in book.headings(text)
+              if lines[n - 1].startswith("## ")]
+    ends = [n for n, _ in starts[1:]] + [len(lines) + 1]
+    return [(t, "\n".join(lines[n:end - 1]))
+            for (n, t), end in zip(starts, ends)]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.stem)
+def test_chapter_closes_with_what_we_have_then_exercises(chapter):
+    titles = [t for t, _ in sections(chapter.markdown.read_text())]
+    assert titles[-2:] == ["What we have", "Exercises"], \
+        f"{chapter.stem}: the last sections must be '## What we have' " \
+        f"then '## Exercises', found {titles[-2:]}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.stem)
+def test_every_section_ends_with_a_key_insight(chapter):
+    missing = [t for t, body in sections(chapter.markdown.read_text())
+               if t not in ("What we have", "Exercises")
+               and '!!! abstract "Key insight"' not in body]
+    assert not missing, f"{chapter.stem}: sections without a Key insight: " \
+                        f"{missing}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.stem)
+def test_three_to_five_exercises_each_with_a_solution_that_asserts(chapter):
+    text = chapter.markdown.read_text()
+    body = dict(sections(text))["Exercises"]
+    exercises = re.split(r"^### ", body, flags=re.M)[1:]
+    assert 3 <= len(exercises) <= 5, \
+        f"{chapter.stem}: {len(exercises)} exercises, expected 3 to 5"
+    for k, exercise in enumerate(exercises, 1):
+        title = exercise.splitlines()[0]
+        assert title.startswith(f"{k}. "), \
+            f"{chapter.stem}: exercise heading '### {title}' should be " \
+            f"'### {k}. <title>'"
+        solution = exercise.split('??? success "Solution"', 1)
+        assert len(solution) == 2, f"{chapter.stem} {title}: no solution"
+        code = [f for f in book.python_fences(solution[1])]
+        assert code, f"{chapter.stem} {title}: the solution runs no code"
+        assert any(re.search(r"^\s*assert\b", f.code, re.M) for f in code), \
+            f"{chapter.stem} {title}: the solution checks no claim"
+        assert all(f.indent == 4 for f in code), \
+            f"{chapter.stem} {title}: solution code belongs inside the " \
+            f"collapsed block, indented by 4"
+    # and the suite runs them: they are fences of the page it collects
+    lines = {f.line for f in book.page_fences(chapter.markdown)}
+    start = text.index("## Exercises")
+    first = text[:start].count("\n") + 1
+    in_exercises = [f for f in book.python_fences(text) if f.line > first]
+    assert in_exercises and all(f.line in lines for f in in_exercises)
+
+
+def test_each_lab_prompt_has_a_solution():
+    for lab in sorted((book.DOCS / "labs").glob("*.py")):
+        text = lab.read_text()
+        prompts = re.search(r"# ## Try it yourself\n((?:#.*\n)+)", text)
+        assert prompts, f"{lab.name}: no '## Try it yourself' prompts"
+        count = len(re.findall(r"^# \d+\. ", prompts.group(1), re.M))
+        assert count, f"{lab.name}: number the prompts 1., 2., ..."
+        for k in range(1, count + 1):
+            assert re.search(rf"^# ### Solution {k}: ", text, re.M), \
+                f"{lab.name}: prompt {k} needs a '### Solution {k}: " \
+                f"<title>' heading over the cells that answer it"
+
+
+def test_no_hardware_claim_that_the_page_did_not_measure():
+    """AMX, AVX-512 and bf16 units: prose may name them only where the
+    page's own code printed what this machine has."""
+    claim = re.compile(r"\b(AMX|AVX-?512\w*)\b", re.I)
+    for page in book.pages():
+        if not page.exists():
+            continue  # a page the nav promises: the nav test reports it
+        text = page.read_text()
+        code = {n for f in book.fences(text)
+                for n in range(f.line, f.end + 1)}
+        prose = [line for n, line in enumerate(text.splitlines(), 1)
+                 if n not in code]
+        named = {m.group(1).upper() for line in prose
+                 for m in claim.finditer(line)}
+        if not named:
+            continue
+        record = book._read_record(page) or {"outputs": []}
+        printed = "".join(o["text"] for o in record["outputs"]).lower()
+        for name in named:
+            assert name.lower().replace("-", "")[:6] in \
+                printed.replace("-", ""), \
+                f"{page.name} names {name} in its prose, but nothing on " \
+                f"the page printed what this machine has"

@@ -162,7 +162,7 @@ def first_epoch_of(name):
 
 
 # %% [markdown]
-# ### Solution: twice as deep
+# ### Solution 1: twice as deep
 #
 # With batch norm, 33 convolutions against 17. (The networks without batch
 # norm already fail at 17; the next solution takes one of them up.)
@@ -180,7 +180,7 @@ for name, changes in [("BN + residual", dict()),
 # for the backward signal to cross, and nothing to carry it around them.
 
 # %% [markdown]
-# ### Solution: zero-initialised residual branches
+# ### Solution 2: zero-initialised residual branches
 #
 # Without batch norm, set every block's `conv2` to zero: each block then
 # starts as $\operatorname{ReLU}(\text{shortcut}(x))$, and the signal
@@ -207,7 +207,7 @@ one_epoch("no BN, residual, zero-init", dict(batch_norm=False),
 # layers and a learned scalar to train this well at depth.
 
 # %% [markdown]
-# ### Solution: ten times the learning rate
+# ### Solution 3: ten times the learning rate
 #
 # The two networks without batch norm, at 3e-2 instead of 3e-3.
 
@@ -226,7 +226,7 @@ for name, changes in [("no BN, residual", dict(batch_norm=False)),
 # large learning rate.
 
 # %% [markdown]
-# ### Solution: no max pool in the stem
+# ### Solution 4: no max pool in the stem
 #
 # Without the pool every stage works at twice the resolution: four times
 # the positions.

@@ -166,15 +166,17 @@ print("faster here:", min(["our RMSNorm", "nn.LayerNorm"], key=speed.get))
 # large models use on GPUs, where the norm is limited by memory traffic
 # and that work is what is left to save. Its paper argued for exactly
 # that: equal quality at less cost, in a fused implementation.
-#
-# **Try it yourself.** Normalisation matters more when training is less
-# gentle. Does the gap between the two norms grow at a higher peak
-# learning rate, `lr=1e-2`, for the same 80 steps? (Longer runs and
-# deeper models are where it matters most; they take minutes, more than
-# a lab cell.)
 
 # %% [markdown]
-# ### Solution: the same race at `lr=1e-2`
+# ## Try it yourself
+#
+# 1. Normalisation matters more when training is less gentle. Does the
+#    gap between the two norms grow at a higher peak learning rate,
+#    `lr=1e-2`, for the same 80 steps? (Longer runs and deeper models are
+#    where it matters most; they take minutes, more than a lab cell.)
+
+# %% [markdown]
+# ### Solution 1: the same race at `lr=1e-2`
 
 # %%
 for name, layernorm in [("RMSNorm", False), ("LayerNorm", True)]:

@@ -173,7 +173,7 @@ def first_100_of(name):
 
 
 # %% [markdown]
-# ### Solution: higher learning rates, clipped
+# ### Solution 1: higher learning rates, clipped
 
 # %%
 first_100_of("lr 1.0, clipped at 1.0")
@@ -190,7 +190,7 @@ for lr in (2.0, 4.0):
 # protects against rare spikes; it does not make any learning rate safe.
 
 # %% [markdown]
-# ### Solution: clipping at 0.1
+# ### Solution 2: clipping at 0.1
 
 # %%
 first_100_of("lr 1.0, clipped at 1.0")
@@ -203,7 +203,7 @@ summary("lr 1.0, clipped at 0.1", *run(1.0, 0.1, steps=100))
 # steps.
 
 # %% [markdown]
-# ### Solution: the chapter's LSTM, unclipped
+# ### Solution 3: the chapter's LSTM, unclipped
 
 # %%
 first_100_of("lr 1.0, no clipping")
@@ -217,7 +217,7 @@ summary("LSTM, lr 1.0, no clipping", *run(1.0, None, steps=100,
 # chapter measured at initialisation.
 
 # %% [markdown]
-# ### Solution: Adam, unclipped
+# ### Solution 4: Adam, unclipped
 
 # %%
 summary("Adam lr 1e-2, no clipping", *run(1e-2, None, steps=100,
@@ -232,7 +232,7 @@ summary("Adam lr 1e-2, no clipping", *run(1e-2, None, steps=100,
 # Adam's slowly adapting average.
 
 # %% [markdown]
-# ### Solution: windows of 200 characters
+# ### Solution 5: windows of 200 characters
 
 # %%
 first_100_of("lr 0.5, no clipping")
