@@ -17,8 +17,8 @@ The chapter docs/techniques/optimization.md builds, in order:
     Muon            orthogonalised momentum for matrices; = torch.optim.Muon
     quadratic, rosenbrock, descend
                     two test valleys and an optimiser's path through them
-    step_decay, linear, cosine, one_cycle, sequential, warmup_cosine
-                    learning-rate schedules as factors of the base rate;
+    constant, step_decay, linear, cosine, one_cycle, sequential,
+    warmup_cosine   learning-rate schedules as factors of the base rate;
                     equal to torch.optim.lr_scheduler's
     Scheduler       applies a schedule to an optimiser's groups
     accumulate      gradient accumulation that equals the large batch
@@ -111,7 +111,7 @@ class SGD(torch.optim.Optimizer):
         return loss
 
 
-# § Adam, AMSGrad and AdamW (docs/techniques/optimization.md:319)
+# § Adam, AMSGrad and AdamW (docs/techniques/optimization.md:320)
 class Adam(torch.optim.Optimizer):
     """Adam, with AMSGrad; equal to torch.optim.Adam step for step.
 
@@ -187,7 +187,7 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
-# § Lion (docs/techniques/optimization.md:441)
+# § Lion (docs/techniques/optimization.md:442)
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al., 2023): the sign of an interpolated momentum.
 
@@ -228,7 +228,7 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-# § Muon: orthogonalised momentum for matrices (docs/techniques/optimization.md:533)
+# § Muon: orthogonalised momentum for matrices (docs/techniques/optimization.md:536)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic
 
 
@@ -317,7 +317,7 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-# § Two valleys (docs/techniques/optimization.md:675)
+# § Two valleys (docs/techniques/optimization.md:682)
 def quadratic(p: Tensor, condition: float = 25.0) -> Tensor:
     """1/2 (x^2 + condition y^2): a valley `condition` times steeper
     across than along; minimum 0 at (0, 0). p: (..., 2)."""
@@ -349,7 +349,7 @@ def descend(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
     return torch.cat(path)  # (steps + 1, 2)
 
 
-# § Learning-rate schedules (docs/techniques/optimization.md:795)
+# § Learning-rate schedules (docs/techniques/optimization.md:802)
 Schedule = Callable[[int], float]  # step t (from 0) -> factor on base lr
 
 
@@ -462,7 +462,7 @@ class Scheduler:
         self._apply()
 
 
-# § Gradient accumulation (docs/techniques/optimization.md:1028)
+# § Gradient accumulation (docs/techniques/optimization.md:1035)
 def accumulate(model: nn.Module,
                micro_batches: Sequence[tuple[Tensor, Tensor]],
                ignore_index: int = -100) -> float:
@@ -489,7 +489,7 @@ def accumulate(model: nn.Module,
     return total
 
 
-# § Dynamic loss scaling (docs/techniques/optimization.md:1200)
+# § Dynamic loss scaling (docs/techniques/optimization.md:1207)
 class LossScaler:
     """Dynamic loss scaling for float16 training, by hand.
 
@@ -573,7 +573,7 @@ class LossScaler:
         self.clean_steps = int(state["clean_steps"])
 
 
-# § A fair race on MNIST (docs/techniques/optimization.md:1352)
+# § A fair race on MNIST (docs/techniques/optimization.md:1359)
 RACE = {  # name: (learning rates swept, fixed settings)
     "SGD": ((0.01, 0.03, 0.1, 0.3), dict(momentum=0.9, nesterov=True)),
     "Adam": ((3e-4, 1e-3, 3e-3, 1e-2), dict()),
