@@ -63,6 +63,15 @@ def _evaluate_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
         return closure()
 
 
+def _with_grads(optimizer: torch.optim.Optimizer):
+    """(group, parameter, gradient, state) for every parameter that has a
+    gradient: the loop every step() below runs."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                yield group, p, p.grad, optimizer.state[p]
+
+
 class SGD(torch.optim.Optimizer):
     """Stochastic gradient descent, step for step equal to torch.optim.SGD.
 
@@ -88,30 +97,25 @@ class SGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _evaluate_closure(closure)
-        for group in self.param_groups:
+        for group, p, g, state in _with_grads(self):
             lr, mu = group["lr"], group["momentum"]
             tau, wd = group["dampening"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if wd != 0:
-                    g = g.add(p, alpha=wd)  # g = g + lambda theta
-                if mu != 0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        b = state["momentum_buffer"] = g.clone()  # b1 = g1
-                    else:
-                        b = state["momentum_buffer"]
-                        b.mul_(mu).add_(g, alpha=1 - tau)
-                        # b = mu b + (1 - tau) g
-                    g = g.add(b, alpha=mu) if group["nesterov"] else b
-                    # Nesterov: step along g + mu b; else along b
-                p.add_(g, alpha=-lr)  # theta = theta - lr g
+            if wd != 0:
+                g = g.add(p, alpha=wd)  # g = g + lambda theta
+            if mu != 0:
+                if "momentum_buffer" not in state:
+                    b = state["momentum_buffer"] = g.clone()  # b1 = g1
+                else:
+                    b = state["momentum_buffer"]
+                    b.mul_(mu).add_(g, alpha=1 - tau)
+                    # b = mu b + (1 - tau) g
+                g = g.add(b, alpha=mu) if group["nesterov"] else b
+                # Nesterov: step along g + mu b; else along b
+            p.add_(g, alpha=-lr)  # theta = theta - lr g
         return loss
 
 
-# § Adam, AMSGrad and AdamW (docs/techniques/optimization.md:320)
+# § Adam, AMSGrad and AdamW (docs/techniques/optimization.md:324)
 class Adam(torch.optim.Optimizer):
     """Adam, with AMSGrad; equal to torch.optim.Adam step for step.
 
@@ -137,40 +141,35 @@ class Adam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _evaluate_closure(closure)
-        for group in self.param_groups:
+        for group, p, g, state in _with_grads(self):
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:  # the moments start at zero
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)  # m
-                    state["exp_avg_sq"] = torch.zeros_like(p)  # v
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                if wd != 0 and self.decoupled:
-                    p.mul_(1 - lr * wd)  # theta = theta (1 - lr lambda)
-                elif wd != 0:
-                    g = g.add(p, alpha=wd)  # g = g + lambda theta (L2)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)  # m = b1 m + (1 - b1) g
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                # v = b2 v + (1 - b2) g^2
+            if not state:  # the moments start at zero
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)  # m
+                state["exp_avg_sq"] = torch.zeros_like(p)  # v
                 if group["amsgrad"]:
-                    v_max = state["max_exp_avg_sq"]
-                    torch.maximum(v_max, v, out=v_max)  # v_max = max(., v)
-                    v = v_max
-                correction1 = 1 - beta1 ** t  # m_hat = m / correction1
-                correction2 = 1 - beta2 ** t  # v_hat = v / correction2
-                denom = (v.sqrt() / correction2 ** 0.5).add_(eps)
-                # sqrt(v_hat) + eps
-                p.addcdiv_(m, denom, value=-lr / correction1)
-                # theta = theta - lr m_hat / (sqrt(v_hat) + eps)
+                    state["max_exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"]
+            if wd != 0 and self.decoupled:
+                p.mul_(1 - lr * wd)  # theta = theta (1 - lr lambda)
+            elif wd != 0:
+                g = g.add(p, alpha=wd)  # g = g + lambda theta (L2)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.lerp_(g, 1 - beta1)  # m = b1 m + (1 - b1) g
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            # v = b2 v + (1 - b2) g^2
+            if group["amsgrad"]:
+                v_max = state["max_exp_avg_sq"]
+                torch.maximum(v_max, v, out=v_max)  # v_max = max(v_max, v)
+                v = v_max
+            correction1 = 1 - beta1 ** t  # m_hat = m / correction1
+            correction2 = 1 - beta2 ** t  # v_hat = v / correction2
+            denom = (v.sqrt() / correction2 ** 0.5).add_(eps)
+            # sqrt(v_hat) + eps
+            p.addcdiv_(m, denom, value=-lr / correction1)
+            # theta = theta - lr m_hat / (sqrt(v_hat) + eps)
         return loss
 
 
@@ -187,7 +186,7 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
-# § Lion (docs/techniques/optimization.md:442)
+# § Lion (docs/techniques/optimization.md:441)
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al., 2023): the sign of an interpolated momentum.
 
@@ -208,27 +207,22 @@ class Lion(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _evaluate_closure(closure)
-        for group in self.param_groups:
+        for group, p, g, state in _with_grads(self):
             lr, wd = group["lr"], group["weight_decay"]
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)  # m
-                m = state["exp_avg"]
-                p.mul_(1 - lr * wd)  # theta = theta (1 - lr lambda)
-                c = m.mul(beta1).add_(g, alpha=1 - beta1)
-                # c = b1 m + (1 - b1) g
-                p.add_(c.sign_(), alpha=-lr)  # theta = theta - lr sign(c)
-                m.mul_(beta2).add_(g, alpha=1 - beta2)
-                # m = b2 m + (1 - b2) g
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p)  # m
+            m = state["exp_avg"]
+            p.mul_(1 - lr * wd)  # theta = theta (1 - lr lambda)
+            c = m.mul(beta1).add_(g, alpha=1 - beta1)
+            # c = b1 m + (1 - b1) g
+            p.add_(c.sign_(), alpha=-lr)  # theta = theta - lr sign(c)
+            m.mul_(beta2).add_(g, alpha=1 - beta2)
+            # m = b2 m + (1 - b2) g
         return loss
 
 
-# § Muon: orthogonalised momentum for matrices (docs/techniques/optimization.md:536)
+# § Muon: orthogonalised momentum for matrices (docs/techniques/optimization.md:530)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic
 
 
@@ -296,28 +290,23 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _evaluate_closure(closure)
-        for group in self.param_groups:
+        for group, p, g, state in _with_grads(self):
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(g)  # B
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - mu)  # B = mu B + (1 - mu) g
-                update = g.lerp(buf, mu) if group["nesterov"] else buf
-                # Nesterov: (1 - mu) g + mu B
-                O = newton_schulz(update, group["ns_steps"],
-                                  group["ns_coefficients"], group["eps"])
-                scale = self.lr_scale(p.shape, group["adjust_lr_fn"])
-                p.mul_(1 - lr * wd)  # theta = theta (1 - lr lambda)
-                p.add_(O, alpha=-lr * scale)  # theta = theta - lr' O
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(g)  # B
+            buf = state["momentum_buffer"]
+            buf.lerp_(g, 1 - mu)  # B = mu B + (1 - mu) g
+            update = g.lerp(buf, mu) if group["nesterov"] else buf
+            # Nesterov: (1 - mu) g + mu B
+            O = newton_schulz(update, group["ns_steps"],
+                              group["ns_coefficients"], group["eps"])
+            scale = self.lr_scale(p.shape, group["adjust_lr_fn"])
+            p.mul_(1 - lr * wd)  # theta = theta (1 - lr lambda)
+            p.add_(O, alpha=-lr * scale)  # theta = theta - lr' O
         return loss
 
 
-# § Two valleys (docs/techniques/optimization.md:682)
+# § Two valleys (docs/techniques/optimization.md:671)
 def quadratic(p: Tensor, condition: float = 25.0) -> Tensor:
     """1/2 (x^2 + condition y^2): a valley `condition` times steeper
     across than along; minimum 0 at (0, 0). p: (..., 2)."""
@@ -349,7 +338,7 @@ def descend(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
     return torch.cat(path)  # (steps + 1, 2)
 
 
-# § Learning-rate schedules (docs/techniques/optimization.md:802)
+# § Learning-rate schedules (docs/techniques/optimization.md:791)
 Schedule = Callable[[int], float]  # step t (from 0) -> factor on base lr
 
 
@@ -462,7 +451,7 @@ class Scheduler:
         self._apply()
 
 
-# § Gradient accumulation (docs/techniques/optimization.md:1035)
+# § Gradient accumulation (docs/techniques/optimization.md:1024)
 def accumulate(model: nn.Module,
                micro_batches: Sequence[tuple[Tensor, Tensor]],
                ignore_index: int = -100) -> float:
@@ -489,7 +478,7 @@ def accumulate(model: nn.Module,
     return total
 
 
-# § Dynamic loss scaling (docs/techniques/optimization.md:1207)
+# § Dynamic loss scaling (docs/techniques/optimization.md:1196)
 class LossScaler:
     """Dynamic loss scaling for float16 training, by hand.
 
@@ -573,7 +562,7 @@ class LossScaler:
         self.clean_steps = int(state["clean_steps"])
 
 
-# § A fair race on MNIST (docs/techniques/optimization.md:1359)
+# § A fair race on MNIST (docs/techniques/optimization.md:1348)
 RACE = {  # name: (learning rates swept, fixed settings)
     "SGD": ((0.01, 0.03, 0.1, 0.3), dict(momentum=0.9, nesterov=True)),
     "Adam": ((3e-4, 1e-3, 3e-3, 1e-2), dict()),
