@@ -46,7 +46,7 @@ from cave.fundamentals.deep_networks import MLP, MLPConfig, evaluate
 from cave.fundamentals.essentials import pick_device, seed_everything
 
 
-# § SGD: momentum, dampening, Nesterov (docs/techniques/optimization.md:183)
+# § SGD: momentum, dampening, Nesterov (docs/techniques/optimization.md:187)
 def _check(name: str, value: float, low: float = 0.0,
            high: float | None = None) -> None:
     """A hyperparameter in [low, high) (or >= low), or a clear error."""
@@ -115,7 +115,7 @@ class SGD(torch.optim.Optimizer):
         return loss
 
 
-# § Adam, AMSGrad and AdamW (docs/techniques/optimization.md:324)
+# § Adam, AMSGrad and AdamW (docs/techniques/optimization.md:328)
 class Adam(torch.optim.Optimizer):
     """Adam, with AMSGrad; equal to torch.optim.Adam step for step.
 
@@ -186,7 +186,7 @@ class AdamW(Adam):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
 
 
-# § Lion (docs/techniques/optimization.md:441)
+# § Lion (docs/techniques/optimization.md:445)
 class Lion(torch.optim.Optimizer):
     """Lion (Chen et al., 2023): the sign of an interpolated momentum.
 
@@ -222,7 +222,7 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-# § Muon: orthogonalised momentum for matrices (docs/techniques/optimization.md:530)
+# § Muon: orthogonalised momentum for matrices (docs/techniques/optimization.md:534)
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic
 
 
@@ -306,7 +306,7 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-# § Two valleys (docs/techniques/optimization.md:671)
+# § Two valleys (docs/techniques/optimization.md:675)
 def quadratic(p: Tensor, condition: float = 25.0) -> Tensor:
     """1/2 (x^2 + condition y^2): a valley `condition` times steeper
     across than along; minimum 0 at (0, 0). p: (..., 2)."""
@@ -338,7 +338,7 @@ def descend(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
     return torch.cat(path)  # (steps + 1, 2)
 
 
-# § Learning-rate schedules (docs/techniques/optimization.md:791)
+# § Learning-rate schedules (docs/techniques/optimization.md:795)
 Schedule = Callable[[int], float]  # step t (from 0) -> factor on base lr
 
 
@@ -451,7 +451,7 @@ class Scheduler:
         self._apply()
 
 
-# § Gradient accumulation (docs/techniques/optimization.md:1024)
+# § Gradient accumulation (docs/techniques/optimization.md:1028)
 def accumulate(model: nn.Module,
                micro_batches: Sequence[tuple[Tensor, Tensor]],
                ignore_index: int = -100) -> float:
@@ -478,7 +478,7 @@ def accumulate(model: nn.Module,
     return total
 
 
-# § Dynamic loss scaling (docs/techniques/optimization.md:1196)
+# § Dynamic loss scaling (docs/techniques/optimization.md:1200)
 class LossScaler:
     """Dynamic loss scaling for float16 training, by hand.
 
@@ -562,7 +562,7 @@ class LossScaler:
         self.clean_steps = int(state["clean_steps"])
 
 
-# § A fair race on MNIST (docs/techniques/optimization.md:1348)
+# § A fair race on MNIST (docs/techniques/optimization.md:1352)
 RACE = {  # name: (learning rates swept, fixed settings)
     "SGD": ((0.01, 0.03, 0.1, 0.3), dict(momentum=0.9, nesterov=True)),
     "Adam": ((3e-4, 1e-3, 3e-3, 1e-2), dict()),
