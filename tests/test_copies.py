@@ -13,7 +13,6 @@ the last test checks that is what the copies are.
 
 import contextlib
 import io
-import os
 import sys
 import traceback
 import types
@@ -24,20 +23,11 @@ import pytest
 from cave import book
 
 CHAPTERS = [c.markdown for c in book.chapters()]
-# Pages whose copies cost more than the suite's budget allows, and why.
-# They run with CAVE_SLOW_COPIES=1 until their pages are restructured.
-SLOW = {
-    "docs/fundamentals/deep_networks.md": "each figure's copy trains the "
-    "MLP again (15 s); 111 s in all on 2 cores",
-}
 
 
 @pytest.mark.spread
 @pytest.mark.parametrize("page", CHAPTERS, ids=book._rel)
 def test_every_copy_button_copies_code_that_runs_alone(page, monkeypatch):
-    slow = SLOW.get(book._rel(page))
-    if slow and not os.environ.get("CAVE_SLOW_COPIES"):
-        pytest.skip(f"over the suite's budget ({slow}): CAVE_SLOW_COPIES=1")
     fences = book.page_fences(page)
     failed = []
     for k, text in enumerate(book.copy_texts(page)):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -420,5 +421,77 @@ def test_full_run_returns_a_json_record(monkeypatch):
     assert len(record["history"]["val_acc"]) == 1
     assert record["best_epoch"] == 1
     assert not {"command", "torch", "date", "threads", "cpus"} & set(record)
+    wrong = [k for k, _ in record["mistakes"]]
+    assert len(wrong) == round((1 - record["best_val_acc"]) * 32)
     with pytest.raises(ValueError, match="unknown override"):
         full_run("cpu", epoch=1)
+    with pytest.raises(ValueError, match=r"part must be one of "
+                       r"\('recipe', 'eras'\), got 'ladder'"):
+        full_run("cpu", part="ladder")
+
+
+def test_train_config_checks_optimizer_and_schedule():
+    with pytest.raises(ValueError, match="optimizer 'adam' or 'sgd'.*'lbfgs'"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="'one_cycle' or 'constant'.*'step'"):
+        TrainConfig(schedule="step")
+
+
+def test_sgd_at_a_constant_rate_is_torchs_sgd_step_for_step():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8,
+                           generator=g)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    config = TrainConfig(epochs=1, batch_size=64, max_shift=0, bf16=False,
+                         optimizer="sgd", schedule="constant", lr=0.1)
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(hidden=(16,), batch_norm=False, dropout=0.0))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train(model, (images, labels), (images, labels), config)
+    assert history.lr == [0.1]
+    # the same single step by hand: p - lr * grad of the same loss
+    reference = MLP(MLPConfig(hidden=(16,), batch_norm=False, dropout=0.0))
+    reference.load_state_dict(start)
+    x = images.float() / 255
+    F.cross_entropy(reference(x), labels).backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    for a, b in zip(model.state_dict().values(),
+                    reference.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_eras_ladder_adds_one_ingredient_per_rung():
+    rungs = deep_networks.era_configs(TrainConfig())
+    assert len(rungs) == len(deep_networks.ERAS) == 5
+    first, last = rungs[0], rungs[-1]
+    assert first[1].activation == "sigmoid" and not first[1].batch_norm
+    assert first[2].optimizer == "sgd" and first[2].schedule == "constant"
+    assert first[1].dropout == 0.0 and first[2].max_shift == 0
+    # the last rung is the chapter's recipe
+    assert last[1] == MLPConfig() and last[2] == TrainConfig()
+
+
+def test_recorded_full_run():
+    from cave.fundamentals.data import load_results
+    record = load_results("deep_networks")
+    recipe, eras = record["recipe"], record["eras"]
+    assert recipe["best_val_acc"] >= 0.97
+    assert recipe["train"] == {**TrainConfig().__dict__, "device": None}
+    assert len(recipe["mistakes"]) == round(
+        (1 - recipe["best_val_acc"]) * 2000)
+    names = [r["name"] for r in eras["rungs"]]
+    assert names == [name for name, _, _ in deep_networks.ERAS]
+    # what the chapter's prose reads in the ladder
+    sigmoid, relu, adam, bn, recipe_rung = eras["rungs"]
+    acc = [r["best_val_acc"] for r in eras["rungs"]]
+    assert 0 < relu["best_val_acc"] - sigmoid["best_val_acc"] < 0.01
+    assert sigmoid["lr"] > relu["lr"] and relu["tried"][str(sigmoid["lr"])] \
+        < 0.2  # the sigmoid's rate makes the ReLU network diverge
+    assert max(sigmoid["tried"].values()) == sigmoid["best_val_acc"] != \
+        sigmoid["tried"][str(max(deep_networks.SGD_RATES))]  # not at the edge
+    assert adam["best_val_acc"] - relu["best_val_acc"] > 0.005
+    assert bn["best_val_acc"] < adam["best_val_acc"]
+    assert bn["history"]["train_loss"][2] < adam["history"]["train_loss"][2]
+    assert recipe_rung["best_val_acc"] == max(acc)

@@ -513,11 +513,40 @@ def test_char_lstm_generate():
 
 def test_recorded_full_run():
     record = load_results("rnn")
-    assert record["command"].startswith(("python -m cave.classical.rnn",
-                                         "cave run rnn"))
+    assert sorted(record) == ["cells", "char_lstm", "seq2seq"]
+    for part in record.values():
+        assert part["command"].startswith(("python -m cave.classical.rnn",
+                                           "cave run rnn"))
     assert record["seq2seq"]["test_exact_match"] >= 0.95
     assert record["char_lstm"]["val_loss"] < 2.0
     assert set(record["char_lstm"]["samples"]) == {"0.5", "0.8", "1.2"}
+    cells = record["cells"]
+    assert set(cells["runs"]) == {"rnn", "lstm", "gru"}
+    sizes = {c: r["parameters"] for c, r in cells["runs"].items()}
+    assert sizes["rnn"] < sizes["gru"] < sizes["lstm"]
+    for run in cells["runs"].values():  # every cell learned something
+        assert run["val_loss"] < 0.8 * math.log(65)
+    # what the chapter's prose says of the table
+    loss = {c: r["val_loss"] for c, r in cells["runs"].items()}
+    assert loss["gru"] < min(loss["rnn"], loss["lstm"])
+    assert abs(loss["rnn"] - loss["lstm"]) < 0.05
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_char_model_takes_each_cell(cell):
+    lm = CharLSTM(CharLSTMConfig(vocab_size=11, embed=4, hidden=8,
+                                 layers=2, cell=cell))
+    logits, state = lm(torch.randint(0, 11, (3, 5)))
+    assert logits.shape == (3, 5, 11)
+    h = state[0] if cell == "lstm" else state
+    assert h.shape == (2, 3, 8)
+    assert lm.generate(torch.tensor([1, 2]), 4).shape == (4,)
+
+
+def test_char_model_refuses_an_unknown_cell():
+    with pytest.raises(ValueError, match=r"cell must be one of "
+                       r"\('rnn', 'lstm', 'gru'\), got 'transformer'"):
+        CharLSTM(CharLSTMConfig(cell="transformer"))
 
 
 def test_char_lstm_generate_and_loss_restore_the_mode():

@@ -16,9 +16,10 @@ The chapter docs/classical/cnn.md builds, in order:
     BatchNorm2d             batch norm over channels, = nn.BatchNorm2d
     receptive_field         how much of the input one unit can see
     ResidualBlock, ResNet   a small ResNet configured by ResNetConfig
-    full_run                the recipe on the book's MNIST split, as a
-                            record: `cave run cnn --full` writes it to
-                            _results/cnn.json
+    LeNet5                  LeCun et al.'s network of 1998, rebuilt
+    full_run                the recipe on the book's MNIST split, for
+                            the ResNet and for LeNet-5: `cave run cnn
+                            --full` writes both to _results/cnn.json
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from cave.fundamentals.deep_networks import BatchNorm1d, TrainConfig, train
 from cave.fundamentals.essentials import pick_device, seed_everything
 
 
-# § im2col: a convolution is one matrix product (docs/classical/cnn.md:172)
+# § im2col: a convolution is one matrix product (docs/classical/cnn.md:173)
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, as the pair (height, width), checked."""
     pair = (value, value) if isinstance(value, int) else value
@@ -95,7 +96,7 @@ def unfold(x: torch.Tensor, kernel_size, dilation=1, padding=0,
     return columns.view(len(columns), len(x), Ho * Wo).transpose(0, 1)
 
 
-# § The convolution (docs/classical/cnn.md:265)
+# § The convolution (docs/classical/cnn.md:266)
 def conv2d(x: torch.Tensor, weight: torch.Tensor,
            bias: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
@@ -137,7 +138,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor,
     return y
 
 
-# § The layer (docs/classical/cnn.md:352)
+# § The layer (docs/classical/cnn.md:353)
 class Conv2d(nn.Module):
     """A convolutional layer on conv2d; interchangeable with nn.Conv2d."""
 
@@ -186,7 +187,7 @@ class Conv2d(nn.Module):
                 f"groups={self.groups}, bias={self.bias is not None}")
 
 
-# § Pooling (docs/classical/cnn.md:457)
+# § Pooling (docs/classical/cnn.md:458)
 def _pool_windows(x: torch.Tensor, kernel_size, stride, padding,
                   dilation, pad_value: float, name: str):
     """Each channel's windows as columns: (kh * kw, N * C * L), (Ho, Wo)."""
@@ -264,7 +265,7 @@ class AvgPool2d(nn.Module):
                 f"count_include_pad={self.count_include_pad}")
 
 
-# § Batch normalisation for images (docs/classical/cnn.md:595)
+# § Batch normalisation for images (docs/classical/cnn.md:596)
 class BatchNorm2d(BatchNorm1d):
     """Batch norm of (N, C, H, W): statistics per channel over N, H, W.
 
@@ -281,7 +282,7 @@ class BatchNorm2d(BatchNorm1d):
         return y.view(N, C, H, W)
 
 
-# § Receptive fields (docs/classical/cnn.md:665)
+# § Receptive fields (docs/classical/cnn.md:666)
 def receptive_field(layers) -> list[tuple[int, int]]:
     """(size, jump) after each layer of a chain of (kernel, stride,
     dilation) triples, the input's side first: r += (k - 1) d j; j *= s."""
@@ -293,7 +294,7 @@ def receptive_field(layers) -> list[tuple[int, int]]:
     return fields
 
 
-# § Residual blocks (docs/classical/cnn.md:766)
+# § Residual blocks (docs/classical/cnn.md:767)
 class ResidualBlock(nn.Module):
     """Two 3x3 convolutions, each with batch norm, and a shortcut.
 
@@ -330,7 +331,7 @@ class ResidualBlock(nn.Module):
         return F.relu(h)
 
 
-# § A small ResNet (docs/classical/cnn.md:822)
+# § A small ResNet (docs/classical/cnn.md:823)
 @dataclasses.dataclass
 class ResNetConfig:
     in_channels: int = 1  # MNIST digits are grey
@@ -427,7 +428,7 @@ class ResNet(nn.Module):
         return self.head(self.dropout(h))  # (B, classes)
 
 
-# § Training on MNIST (docs/classical/cnn.md:1065)
+# § Training on MNIST (docs/classical/cnn.md:1066)
 RECIPE = TrainConfig(
     epochs=15,  # 20 gained about 0.1 % (2 digits) for a third more time
     batch_size=128,  # 63 steps an epoch; batch norm wants >= 32
@@ -439,30 +440,80 @@ RECIPE = TrainConfig(
 )
 
 
-# § The full run (docs/classical/cnn.md:1111)
-def full_run(device: str | None = None, **overrides) -> dict:
+# § The full run (docs/classical/cnn.md:1115)
+FULL_RUN_PARTS = ("resnet", "lenet")
+
+
+def full_run(device: str | None = None, part: str = "resnet",
+             **overrides) -> dict:
     """Train the recipe on the book's MNIST split; return its record.
 
-    overrides: fields of TrainConfig (epochs=1, seed=1). The record holds
-    the history, the configurations, the device and the trained stem's
-    filters; it is written by the caller, not here.
+    part "resnet" trains ResNet(), part "lenet" LeNet5(). overrides:
+    fields of TrainConfig (epochs=1, seed=1). The record holds the
+    history, the configurations, the device, the parameter count and (for
+    the ResNet) the trained stem's filters; the caller writes it.
     """
+    if part not in FULL_RUN_PARTS:
+        raise ValueError(f"part must be one of {FULL_RUN_PARTS}, "
+                         f"got {part!r}")
     config = override_config(dataclasses.replace(RECIPE, device=device),
                              overrides)
-    model_config = ResNetConfig()
     train_data, val_data = mnist_split(seed=0)
     seed_everything(config.seed)
-    model = ResNet(model_config)
+    model = ResNet() if part == "resnet" else LeNet5()
     history = train(model, train_data, val_data, config)
-    filters = model.stem[0].weight.detach().float().cpu()  # (C, 1, k, k)
-    return {
+    record = {
         "best_val_acc": history.best_val_acc,
         "best_epoch": history.best_epoch + 1,  # 1-based, as printed
         "seconds": history.seconds[-1],
         "device": str(pick_device(config.device)),
-        "model": dataclasses.asdict(model_config),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "train": dataclasses.asdict(config),
         "history": dataclasses.asdict(history),
-        "stem_filters": [[round(v, 5) for v in f.flatten().tolist()]
-                         for f in filters],  # for the chapter's figure
     }
+    if part == "resnet":
+        filters = model.stem[0].weight.detach().float().cpu()  # (C,1,k,k)
+        record["model"] = dataclasses.asdict(model.config)
+        record["stem_filters"] = [[round(v, 5) for v in f.flatten().tolist()]
+                                  for f in filters]  # the chapter's figure
+    return record
+
+
+# § Then and now: the perceptron, LeNet-5 and the ResNet (docs/classical/cnn.md:1225)
+class ScaledTanh(nn.Module):
+    """LeCun's squashing function, 1.7159 tanh(2x / 3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.7159 * torch.tanh(2.0 / 3.0 * x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al., 1998) with full C3 connections, average
+    pooling and a linear output. Takes float pixels in [0, 1], (B, 28, 28)
+    or (B, 1, 28, 28); returns class logits (B, classes)."""
+
+    def __init__(self, classes: int = 10, input_mean: float = 0.1307,
+                 input_std: float = 0.3081):
+        super().__init__()
+        self.input_mean, self.input_std = input_mean, input_std
+        self.features = nn.Sequential(
+            Conv2d(1, 6, 5, padding=2), ScaledTanh(),  # C1 (B, 6, 28, 28)
+            AvgPool2d(2),  # S2 (B, 6, 14, 14)
+            Conv2d(6, 16, 5), ScaledTanh(),  # C3 (B, 16, 10, 10)
+            AvgPool2d(2),  # S4 (B, 16, 5, 5)
+            Conv2d(16, 120, 5), ScaledTanh())  # C5 (B, 120, 1, 1)
+        self.classifier = nn.Sequential(
+            nn.Linear(120, 84), ScaledTanh(),  # F6 (B, 84)
+            nn.Linear(84, classes))  # (B, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"LeNet5 expected float pixels in [0, 1], got "
+                            f"{x.dtype}; convert with x.float() / 255")
+        if x.ndim == 3:
+            x = x.unsqueeze(1)  # (B, 1, H, W)
+        if x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+            raise ValueError(f"LeNet5 expected input of shape (B, 1, 28, 28)"
+                             f" or (B, 28, 28), got {tuple(x.shape)}")
+        x = (x - self.input_mean) / self.input_std
+        return self.classifier(self.features(x).flatten(1))  # (B, classes)

@@ -615,7 +615,7 @@ def train_seq2seq(model: Seq2Seq, task: DateTask,
     return losses
 
 
-# § Character-level Shakespeare (docs/classical/rnn.md:1394)
+# § Character-level Shakespeare (docs/classical/rnn.md:1393)
 @dataclasses.dataclass
 class CharLSTMConfig:
     vocab_size: int = 65  # Tiny Shakespeare's distinct characters
@@ -623,20 +623,30 @@ class CharLSTMConfig:
     hidden: int = 256  # enough to spell; small enough for a CPU's minutes
     layers: int = 2  # the classic char-rnn depth: a second layer of state
     dropout: float = 0.1  # between the two layers only: a light regulariser
+    cell: str = "lstm"  # "rnn" (Elman) and "gru" for the comparison below
+
+
+CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
 
 class CharLSTM(nn.Module):
-    """Embedding -> LSTM layers -> Linear: the next character's logits."""
+    """Embedding -> recurrent layers (LSTM unless the config says "rnn" or
+    "gru") -> Linear: the next character's logits."""
 
     def __init__(self, config: CharLSTMConfig = CharLSTMConfig()):
         super().__init__()
+        if config.cell not in CELLS:
+            raise ValueError(f"cell must be one of {tuple(CELLS)}, got "
+                             f"{config.cell!r}")
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.embed)
-        self.lstm = LSTM(c.embed, c.hidden, c.layers, dropout=c.dropout)
+        self.lstm = CELLS[c.cell](c.embed, c.hidden, c.layers,
+                                  dropout=c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
     def forward(self, ids: Tensor, state=None):
-        """ids (B, T) -> logits (B, T, V) and the final (h, c)."""
+        """ids (B, T) -> logits (B, T, V) and the final state ((h, c) for
+        an LSTM, h otherwise)."""
         out, state = self.lstm(self.embed(ids), state)  # (B, T, H)
         return self.head(out), state  # (B, T, V)
 
@@ -704,22 +714,80 @@ def train_char_lstm(model: CharLSTM, train_ids: Tensor,
     return losses
 
 
-# § From the command line (docs/classical/rnn.md:1574)
+# § Then and now: Elman, LSTM and GRU on one task (docs/classical/rnn.md:1572)
+CELL_MODEL = CharLSTMConfig(hidden=128, layers=1, dropout=0.0)
+CELL_TRAIN = CharTrainConfig(steps=600, batch_size=32)  # about a minute
+# per cell on a 2-core CPU: the comparison, not the best model
+
+
+# § From the command line (docs/classical/rnn.md:1649)
 TEMPERATURES = (0.5, 0.8, 1.2)  # samples recorded at each
 
 
-def full_run(device: str | None = None, **overrides) -> dict:
-    """Train both models for real; return the record rnn.json keeps.
+FULL_RUN_PARTS = ("seq2seq", "char_lstm", "cells")
+
+
+def full_run(device: str | None = None, part: str = "seq2seq",
+             **overrides) -> dict:
+    """Train one part for real; return its record (an entry of rnn.json).
 
     overrides: fields of Seq2SeqTrainConfig prefixed seq2seq_ and of
-    CharTrainConfig prefixed char_ (seq2seq_epochs=1, char_steps=300).
+    CharTrainConfig prefixed char_ (seq2seq_epochs=1, char_steps=300);
+    the part "cells" starts from CELL_TRAIN instead of CharTrainConfig().
     """
+    if part not in FULL_RUN_PARTS:
+        raise ValueError(f"part must be one of {FULL_RUN_PARTS}, "
+                         f"got {part!r}")
+    char_base = CELL_TRAIN if part == "cells" else CharTrainConfig()
     config, cconfig = override_configs(
-        {"seq2seq": Seq2SeqTrainConfig(), "char": CharTrainConfig()},
-        overrides)
+        {"seq2seq": Seq2SeqTrainConfig(), "char": char_base}, overrides)
     device = pick_device(device)
-    record: dict = {"device": str(device)}
+    if part == "seq2seq":
+        return _seq2seq_record(config, device)
+    tokenizer, train_ids, val_ids = shakespeare_split()
+    if part == "cells":
+        runs = {}
+        for cell in CELLS:
+            model_config = dataclasses.replace(
+                CELL_MODEL, vocab_size=tokenizer.vocab_size, cell=cell)
+            seed_everything(cconfig.seed)
+            lm = CharLSTM(model_config).to(device)
+            start = time.perf_counter()
+            closses = train_char_lstm(lm, train_ids, cconfig)
+            runs[cell] = {
+                "parameters": sum(p.numel() for p in lm.parameters()),
+                "final_train_loss": sum(closses[-50:]) / 50,
+                "val_loss": char_loss(lm, val_ids, cconfig.eval_windows,
+                                      cconfig.block_size, cconfig.seed),
+                "seconds": time.perf_counter() - start,
+                "loss_every_10_steps": closses[::10]}
+        return {"device": str(device), "model": dataclasses.asdict(
+            CELL_MODEL), "train": dataclasses.asdict(cconfig), "runs": runs}
+    seed_everything(cconfig.seed)
+    lm = CharLSTM(CharLSTMConfig(vocab_size=tokenizer.vocab_size)).to(device)
+    start = time.perf_counter()
+    closses = train_char_lstm(lm, train_ids, cconfig)
+    seconds = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(0)
+    prompt = tokenizer.encode("ROMEO:\n").to(device)
+    samples = {str(t): tokenizer.decode(lm.generate(prompt, 300, t,
+                                                    generator))
+               for t in TEMPERATURES}
+    return {
+        "device": str(device),
+        "model": dataclasses.asdict(lm.config),
+        "train": dataclasses.asdict(cconfig),
+        "final_train_loss": sum(closses[-50:]) / len(closses[-50:]),
+        "val_loss": char_loss(lm, val_ids, cconfig.eval_windows,
+                              cconfig.block_size, cconfig.seed),
+        "seconds": seconds, "prompt": "ROMEO:\n", "samples": samples,
+        "loss_every_10_steps": closses[::10]}
 
+
+def _seq2seq_record(config: Seq2SeqTrainConfig, device: torch.device
+                    ) -> dict:
+    """Train the date translator; its record, with the test errors and
+    the attention of the first test date."""
     task = DateTask(seed=0)
     seed_everything(config.seed)
     model = Seq2Seq().to(device)
@@ -737,8 +805,9 @@ def full_run(device: str | None = None, **overrides) -> dict:
     ids, weights = model.greedy(src[k:k + 1].to(device),
                                 lengths[k:k + 1].to(device))
     n_src, n_out = int(lengths[k]), len(task.test[k][1]) + 1
-    record["seq2seq"] = {
-        "task": repr(task), "model": dataclasses.asdict(model.config),
+    return {
+        "device": str(device), "task": repr(task),
+        "model": dataclasses.asdict(model.config),
         "train": dataclasses.asdict(config), "steps": len(losses),
         "final_train_loss": losses[-1], "val_exact_match": val,
         "test_exact_match": test, "seconds": seconds,
@@ -747,24 +816,3 @@ def full_run(device: str | None = None, **overrides) -> dict:
         "attention_example": {
             "source": task.test[k][0], "output": outputs[k],
             "weights": weights[0, :n_out, :n_src].cpu().tolist()}}
-
-    tokenizer, train_ids, val_ids = shakespeare_split()
-    seed_everything(cconfig.seed)
-    lm = CharLSTM(CharLSTMConfig(vocab_size=tokenizer.vocab_size)).to(device)
-    start = time.perf_counter()
-    closses = train_char_lstm(lm, train_ids, cconfig)
-    seconds = time.perf_counter() - start
-    generator = torch.Generator().manual_seed(0)
-    prompt = tokenizer.encode("ROMEO:\n").to(device)
-    samples = {str(t): tokenizer.decode(lm.generate(prompt, 300, t,
-                                                    generator))
-               for t in TEMPERATURES}
-    record["char_lstm"] = {
-        "model": dataclasses.asdict(lm.config),
-        "train": dataclasses.asdict(cconfig),
-        "final_train_loss": sum(closses[-50:]) / len(closses[-50:]),
-        "val_loss": char_loss(lm, val_ids, cconfig.eval_windows,
-                              cconfig.block_size, cconfig.seed),
-        "seconds": seconds, "prompt": "ROMEO:\n", "samples": samples,
-        "loss_every_10_steps": closses[::10]}
-    return record

@@ -12,9 +12,10 @@ The chapter docs/fundamentals/deep_networks.md builds, in order:
     Adam          the Adam optimiser, equal to torch.optim.Adam
     MLP           a multi-layer perceptron configured by MLPConfig
     train         a training loop with validation and best-model keeping
-    full_run      the recipe on the book's MNIST split, as a record
+    ERAS          the 1990s recipe, then each modern ingredient in turn
+    full_run      the recipe, and the eras, on the book's MNIST split
 
-`cave run deep_networks --full` runs the recipe and records it.
+`cave run deep_networks --full` runs both and records them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cave.fundamentals.essentials import (eval_mode, pick_device,
                                           seed_everything)
 
 
-# § Batch normalisation (docs/fundamentals/deep_networks.md:135)
+# § Batch normalisation (docs/fundamentals/deep_networks.md:136)
 class BatchNorm1d(nn.Module):
     """Batch normalisation over (N, C) or (N, C, L) inputs.
 
@@ -115,7 +116,7 @@ class BatchNorm1d(nn.Module):
                 f"track_running_stats={self.track_running_stats}")
 
 
-# § Dropout (docs/fundamentals/deep_networks.md:336)
+# § Dropout (docs/fundamentals/deep_networks.md:337)
 class Dropout(nn.Module):
     """Inverted dropout: zero with probability p, scale the rest by 1/(1-p).
 
@@ -142,7 +143,7 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-# § Adam (docs/fundamentals/deep_networks.md:419)
+# § Adam (docs/fundamentals/deep_networks.md:421)
 class Adam(torch.optim.Optimizer):
     """Adam (Kingma and Ba, 2015), step for step equal to torch.optim.Adam.
 
@@ -196,7 +197,7 @@ class Adam(torch.optim.Optimizer):
         return loss
 
 
-# § The multi-layer perceptron (docs/fundamentals/deep_networks.md:512)
+# § The multi-layer perceptron (docs/fundamentals/deep_networks.md:514)
 @dataclasses.dataclass
 class MLPConfig:
     in_features: int = 28 * 28  # an MNIST image, flattened
@@ -215,7 +216,7 @@ class MLPConfig:
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh,
-               "identity": nn.Identity}
+               "sigmoid": nn.Sigmoid, "identity": nn.Identity}
 INITS = ("kaiming", "xavier", "naive")
 
 
@@ -280,7 +281,7 @@ class MLP(nn.Module):
         return self.layers(x)  # (B, classes)
 
 
-# § Training, validation, and keeping the best model (docs/fundamentals/deep_networks.md:701)
+# § Training, validation, and keeping the best model (docs/fundamentals/deep_networks.md:703)
 def one_cycle_lr(step: int, total: int, max_lr: float,
                  warmup: float = 0.2) -> float:
     """Linear warm-up over the first `warmup` of the steps, then cosine."""
@@ -317,10 +318,17 @@ class TrainConfig:
     label_smoothing: float = 0.0  # did not help this recipe measurably
     max_shift: int = 2  # augmentation: pixels of random shift
     bf16: bool = True  # autocast matrix products to bfloat16: faster
+    optimizer: str = "adam"  # or "sgd": plain SGD, no momentum (1990s)
+    schedule: str = "one_cycle"  # or "constant": lr at every step
     seed: int = 0  # initial weights, batch order, dropout and shifts
     device: str | None = None  # None: "cuda" when available, else "cpu"
 
     def __post_init__(self):
+        if self.optimizer not in ("adam", "sgd") or \
+                self.schedule not in ("one_cycle", "constant"):
+            raise ValueError(f"expected optimizer 'adam' or 'sgd' and "
+                             f"schedule 'one_cycle' or 'constant', got "
+                             f"{self.optimizer!r} and {self.schedule!r}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got "
@@ -375,7 +383,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def train(model: nn.Module, train_data, val_data,
           config: TrainConfig = TrainConfig()) -> History:
-    """Train with Adam and a one-cycle schedule, validating every epoch.
+    """Train (Adam and one-cycle by default), validating every epoch.
 
     train_data and val_data are (uint8 images (N, H, W), labels (N,)).
     At the end the model holds the weights of its best validation epoch.
@@ -391,8 +399,12 @@ def train(model: nn.Module, train_data, val_data,
     n, B = len(x_all), config.batch_size
     steps_per_epoch = math.ceil(n / B)
     total_steps = config.epochs * steps_per_epoch
-    optimiser = Adam(model.parameters(), lr=config.lr,
-                     weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        optimiser = Adam(model.parameters(), lr=config.lr,
+                         weight_decay=config.weight_decay)
+    else:  # torch's SGD: the essentials chapter proved it equal to ours
+        optimiser = torch.optim.SGD(model.parameters(), lr=config.lr,
+                                    weight_decay=config.weight_decay)
     history, best_state = History(), None
     start = time.perf_counter()
     for epoch in range(config.epochs):
@@ -403,7 +415,8 @@ def train(model: nn.Module, train_data, val_data,
             step = epoch * steps_per_epoch + i
             index = order[i * B:(i + 1) * B]  # (B,)
             x = random_shift(x_all[index], config.max_shift, generator)
-            lr = one_cycle_lr(step, total_steps, config.lr, config.warmup)
+            lr = one_cycle_lr(step, total_steps, config.lr, config.warmup) \
+                if config.schedule == "one_cycle" else config.lr
             for group in optimiser.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, torch.bfloat16,
@@ -431,26 +444,91 @@ def train(model: nn.Module, train_data, val_data,
     return history
 
 
-# § From the command line (docs/fundamentals/deep_networks.md:993)
-def full_run(device: str | None = None, **overrides) -> dict:
-    """Train the recipe on the book's MNIST split; return its record.
+# § Then and now: the 1990s recipe against today's (docs/fundamentals/deep_networks.md:1023)
+# Each rung: (name, MLPConfig changes, TrainConfig changes), the ones
+# before it included. SGD's learning rate is tuned by the full run.
+ERAS = [
+    ("1990s: sigmoid, SGD at a constant rate",
+     {"activation": "sigmoid", "init": "xavier", "batch_norm": False,
+      "dropout": 0.0},
+     {"optimizer": "sgd", "schedule": "constant", "max_shift": 0}),
+    ("+ ReLU and Kaiming init (2010, 2015)",
+     {"activation": "relu", "init": "kaiming"}, {}),
+    ("+ Adam and a one-cycle schedule (2015, 2018)",
+     {}, {"optimizer": "adam", "schedule": "one_cycle", "lr": 3e-3}),
+    ("+ batch norm (2015)", {"batch_norm": True}, {}),
+    ("+ dropout and shifts: the recipe", {"dropout": 0.3},
+     {"max_shift": 2}),
+]
+SGD_RATES = (0.1, 0.3, 1.0, 3.0, 10.0)  # tried for each plain-SGD rung
 
-    overrides: fields of TrainConfig (epochs=30, seed=1, bf16=False).
-    The record holds the configurations, the history and the device; it
-    is written by the caller, not here.
+
+def era_configs(base: TrainConfig) -> list[tuple[str, MLPConfig,
+                                                 TrainConfig]]:
+    """The ladder of ERAS as configurations, each rung on top of the last."""
+    model_fields, train_fields, rungs = {}, {}, []
+    for name, model_changes, train_changes in ERAS:
+        model_fields.update(model_changes)
+        train_fields.update(train_changes)
+        rungs.append((name, MLPConfig(**model_fields),
+                      dataclasses.replace(base, **train_fields)))
+    return rungs
+
+
+# § From the command line (docs/fundamentals/deep_networks.md:1133)
+FULL_RUN_PARTS = ("recipe", "eras")
+
+
+def full_run(device: str | None = None, part: str = "recipe",
+             **overrides) -> dict:
+    """Train one part on the book's MNIST split; return its record.
+
+    part "recipe": the chapter's recipe, its history and the validation
+    digits it gets wrong; part "eras": every rung of ERAS. overrides:
+    fields of TrainConfig (epochs=30, seed=1, bf16=False). The record is
+    written by the caller, not here.
     """
+    if part not in FULL_RUN_PARTS:
+        raise ValueError(f"part must be one of {FULL_RUN_PARTS}, "
+                         f"got {part!r}")
     config = override_config(TrainConfig(device=device), overrides)
     device = pick_device(config.device)
     train_data, val_data = mnist_split(seed=0)
-    seed_everything(config.seed)
-    model = MLP(MLPConfig())
-    history = train(model, train_data, val_data, config)
-    return {
-        "best_val_acc": history.best_val_acc,
-        "best_epoch": history.best_epoch + 1,  # 1-based, as printed
-        "seconds": history.seconds[-1],
-        "device": str(device),
-        "model": dataclasses.asdict(model.config),
-        "train": dataclasses.asdict(config),
-        "history": dataclasses.asdict(history),
-    }
+    if part == "recipe":
+        seed_everything(config.seed)
+        model = MLP(MLPConfig())
+        history = train(model, train_data, val_data, config)
+        _, _, predictions = evaluate(model, *val_data, bf16=config.bf16)
+        wrong = (predictions != val_data[1]).nonzero().flatten().tolist()
+        return {
+            "best_val_acc": history.best_val_acc,
+            "best_epoch": history.best_epoch + 1,  # 1-based, as printed
+            "seconds": history.seconds[-1],
+            "device": str(device),
+            "model": dataclasses.asdict(model.config),
+            "train": dataclasses.asdict(config),
+            "history": dataclasses.asdict(history),
+            "mistakes": [[k, int(predictions[k])] for k in wrong],
+        }
+    rungs = []
+    for name, model_config, train_config in era_configs(config):
+        rates = SGD_RATES if train_config.optimizer == "sgd" \
+            else (train_config.lr,)
+        tried = []
+        for lr in rates:
+            seed_everything(train_config.seed)
+            model = MLP(model_config)
+            history = train(model, train_data, val_data,
+                            dataclasses.replace(train_config, lr=lr))
+            tried.append((history.best_val_acc, lr, history))
+        best_acc, lr, history = max(tried, key=lambda t: t[0])
+        rungs.append({
+            "name": name, "lr": lr, "best_val_acc": best_acc,
+            "tried": {str(r): a for a, r, _ in tried},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "seconds": history.seconds[-1],
+            "model": dataclasses.asdict(model_config),
+            "train": dataclasses.asdict(train_config),
+            "history": {"val_acc": history.val_acc,
+                        "train_loss": history.train_loss}})
+    return {"device": str(device), "rungs": rungs}
