@@ -59,6 +59,20 @@ def pytest_configure(config):
         (book._rel(page), why) for page, why in book.stale_pages()]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tests of tiny tensors: a second thread only adds waiting, which
+    on a busy machine costs far more than the arithmetic. (Under xdist
+    every worker has one thread already.) Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def stale_at_start(request):
     """Pages whose recorded outputs were stale when this session began."""

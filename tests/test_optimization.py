@@ -29,14 +29,7 @@ EXACT = dict(atol=0, rtol=0)
 SCHEDULE_TOL = dict(atol=1e-12, rtol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds waiting, which
-    on a busy machine costs far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_net(seed, dtype=torch.float32):

@@ -213,3 +213,21 @@ def test_copy_buttons_carry_each_fences_context(site):
             else:
                 assert found, f"{part}/{stem}: a fence lost its context"
                 assert html_lib.unescape(found.group(1)) == copy.rstrip()
+
+
+def test_figures_follow_the_colour_scheme(served, browser):
+    """Light scheme: the figure drawn on white; dark: its light-ink twin."""
+    for scheme, shown, hidden in [("light", "#only-light", "#only-dark"),
+                                  ("dark", "#only-dark", "#only-light")]:
+        page = browser.new_page(color_scheme=scheme)
+        page.goto(served + "classical/cnn/", wait_until="networkidle")
+        visible = page.locator(f'.cave-figure img[src$="{shown}"]')
+        invisible = page.locator(f'.cave-figure img[src$="{hidden}"]')
+        assert visible.count() == invisible.count() > 0
+        visible.first.scroll_into_view_if_needed()
+        assert visible.first.is_visible(), f"{scheme}: {shown} not shown"
+        assert not invisible.first.is_visible(), f"{scheme}: {hidden} shown"
+        loaded = visible.first.evaluate("img => img.complete && "
+                                        "img.naturalWidth > 100")
+        assert loaded, f"{scheme}: the figure did not load"
+        page.close()
