@@ -305,7 +305,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100,
     return loss.sum() / valid.sum()
 
 
-# § 15. Optimiser steps (docs/fundamentals/essentials.md:1057)
+# § 15. Optimiser steps (docs/fundamentals/essentials.md:1060)
 @torch.no_grad()
 def sgd_step(params: Iterable[Tensor], lr: float, momentum: float = 0.0,
              weight_decay: float = 0.0,
@@ -369,7 +369,7 @@ class SGD:
         self.buffers = list(state["buffers"])
 
 
-# § 16. The training loop (docs/fundamentals/essentials.md:1165)
+# § 16. The training loop (docs/fundamentals/essentials.md:1168)
 def seed_everything(seed: int, deterministic: bool = False
                     ) -> torch.Generator:
     """Seed Python, NumPy (if imported) and PyTorch; return a generator.
@@ -422,7 +422,7 @@ def smooth(values: Sequence[float], window: int = 20) -> list[float]:
     return ((sums[end] - sums[start]) / (end - start)).tolist()
 
 
-# § 20. Device management (docs/fundamentals/essentials.md:1574)
+# § 20. Device management (docs/fundamentals/essentials.md:1577)
 def pick_device(name: str | torch.device | None = None) -> torch.device:
     """The device named ("cpu", "cuda", "cuda:1", ...), checked; with no
     name, the first CUDA GPU if PyTorch can see one, else the CPU."""

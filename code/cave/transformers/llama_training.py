@@ -110,7 +110,7 @@ class TrainConfig:
         return self.batch_size * self.block_size * self.grad_accum
 
 
-# § Warm-up and cosine (docs/transformers/llama_training.md:207)
+# § Warm-up and cosine (docs/transformers/llama_training.md:209)
 def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate of optimiser step `step` (0-based)."""
     c = config
@@ -122,7 +122,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return c.min_lr + cosine * (c.lr - c.min_lr)
 
 
-# § AdamW, decay on matrices only (docs/transformers/llama_training.md:244)
+# § AdamW, decay on matrices only (docs/transformers/llama_training.md:246)
 def make_optimizer(model: nn.Module, config: TrainConfig
                    ) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (ndim >= 2), none on norm gains."""
@@ -136,7 +136,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig
                              betas=(config.beta1, config.beta2))
 
 
-# § Evaluation: a fixed protocol (docs/transformers/llama_training.md:290)
+# § Evaluation: a fixed protocol (docs/transformers/llama_training.md:292)
 @torch.no_grad()
 def evaluate(model: nn.Module, ids: torch.Tensor, block_size: int,
              max_windows: int | None = None, batch_size: int = 64,
@@ -157,7 +157,7 @@ def evaluate(model: nn.Module, ids: torch.Tensor, block_size: int,
     return total / count
 
 
-# § A LLaMA's checkpoints (docs/transformers/llama_training.md:352)
+# § A LLaMA's checkpoints (docs/transformers/llama_training.md:354)
 FORMAT = "cave-llama-checkpoint-1"  # written into every config.json
 
 
@@ -222,7 +222,7 @@ def saved_configs(path: str | Path) -> tuple[dict, dict]:
     return dict(config["train"]), dict(config["model"])
 
 
-# § The training loop (docs/transformers/llama_training.md:455)
+# § The training loop (docs/transformers/llama_training.md:457)
 class Progress:
     """A one-line progress bar (redrawn in place on a terminal, a line
     at a time elsewhere)."""
@@ -421,7 +421,7 @@ def train(config: TrainConfig, model_config: LlamaConfig,
     return summary
 
 
-# § The command line (docs/transformers/llama_training.md:767)
+# § The command line (docs/transformers/llama_training.md:769)
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {  # seconds: for tests and the chapter's demonstrations
         "train": dict(batch_size=8, block_size=32, max_steps=40,
