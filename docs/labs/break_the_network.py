@@ -162,18 +162,25 @@ plt.show()
 # Each solution trains on the first 2,000 training digits for three
 # epochs (a quarter of the data, so each run takes a second or so), and
 # validates on all 2,000 validation digits. `small_run` builds the
-# chapter's network with the changes asked for and prints one line.
+# chapter's network with the changes asked for and prints one line; the
+# seconds it prints are those of the configuration's one training run.
 
 # %%
+small_runs = {}  # a configuration trained once is printed again, not rerun
+
+
 def small_run(name, model_changes=None, train_changes=None, digits=2000):
     """Train MLPConfig + changes on `digits` training digits; one line."""
     model_config = MLPConfig(**{**vars(base_model), **(model_changes or {})})
     train_config = TrainConfig(**{**vars(base_train),
                                   **(train_changes or {})})
-    seed_everything(0)
-    model = MLP(model_config)
-    history = train(model, (train_x[:digits], train_y[:digits]),
-                    (val_x, val_y), train_config)
+    key = repr((model_config, train_config, digits))
+    if key not in small_runs:
+        seed_everything(0)
+        model = MLP(model_config)
+        small_runs[key] = train(model, (train_x[:digits], train_y[:digits]),
+                                (val_x, val_y), train_config)
+    history = small_runs[key]
     print(f"{name:40s} train loss {history.train_loss[-1]:7.3f}   "
           f"val loss {min(history.val_loss):6.3f}   "
           f"best val acc {history.best_val_acc:6.2%}   "
