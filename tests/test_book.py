@@ -524,3 +524,30 @@ def test_a_copy_carries_exactly_the_context_its_fence_needs(tmp_path):
     exec(compile(last.replace("from cave.part.chap import double\n", "")
                  + "\n", "copy", "exec"),
          {**namespace, "double": lambda x: 2 * x})
+
+
+def test_a_fence_that_needs_nothing_from_above_runs_alone(tmp_path):
+    """Its copy is the fence itself, so the page's run runs it in a fresh
+    module: a name it reads from the page in a way the copy's analysis
+    cannot see fails here, as it would for a reader who pasted it."""
+    page = tmp_path / "part" / "chap.md"
+    page.parent.mkdir()
+    page.write_text(textwrap.dedent('''\
+        ```python
+        total = 2
+        ```
+
+        ```python
+        seen = globals().get("total")
+        print("seen", seen)
+        ```
+
+        ```python
+        print("page", total, seen)
+        ```
+        '''))
+    run = book.ChapterRun(page)
+    assert run.alone == {0, 1}  # the third reads total and seen
+    run.run_to(2)
+    assert [o.text for o in run.outputs] == ["", "seen None\n",
+                                             "page 2 None\n"]

@@ -6,6 +6,10 @@ namespace: none of the chapter's state is there, only the package. (It
 runs in the test process, where the package is already imported; a fresh
 Python would only import it first.)
 
+A fence whose copy is the fence alone (it needs nothing from above) is
+not run again here: the page's run runs it alone, in a fresh module, and
+its names join the page's afterwards.
+
 A lab's cell copies with every cell above it: the lab's own run, cell
 after cell in one namespace (conftest.py), runs every such copy already;
 the last test checks that is what the copies are.
@@ -30,7 +34,10 @@ CHAPTERS = [c.markdown for c in book.chapters()]
 def test_every_copy_button_copies_code_that_runs_alone(page, monkeypatch):
     fences = book.page_fences(page)
     failed = []
+    alone = book.ChapterRun(page).alone
     for k, text in enumerate(book.copy_texts(page)):
+        if k in alone:  # the fence is its own copy, and the page's run
+            continue  # ran it alone, in a fresh module (test_book.py)
         main = types.ModuleType("__main__")  # what a fresh Python runs in
         monkeypatch.setitem(sys.modules, "__main__", main)
         try:

@@ -608,6 +608,14 @@ class ChapterRun:
         self.failed: int | None = None  # index of the fence that failed
         self.future = 0  # `from __future__` flags carry on, as in a notebook
         self.opened: set[str] = set()  # what its fences read
+        # A chapter's fence whose copy button copies the fence alone (it
+        # needs nothing from above) runs alone: in a fresh module, as a
+        # reader's paste would, its names then joining the page's. That
+        # run proves its copy; tests/test_copies.py runs the others.
+        self.alone: set[int] = set()
+        if self.path.suffix == ".md":
+            self.alone = {k for k, pieces in enumerate(copy_pieces(
+                self.path)) if len(pieces) == 1}
 
     def index_of(self, line: int) -> int:
         for i, fence in enumerate(self.fences):
@@ -623,15 +631,26 @@ class ChapterRun:
         """Run the next fence; its line numbers are the page's."""
         _use_agg()
         fence = self.fences[self.done]
+        alone = self.done in self.alone
         source = "\n" * fence.line + fence.code
-        code = compile(source, str(self.path), "exec", flags=self.future,
-                       dont_inherit=True)
+        code = compile(source, str(self.path), "exec",
+                       flags=0 if alone else self.future, dont_inherit=True)
         self.future |= code.co_flags & _FUTURE_FLAGS
+        namespace = self.namespace
+        if alone:  # a module of its own, registered like the page's
+            fresh = types.ModuleType(f"{self.namespace['__name__']}"
+                                     f"fence_{self.done}__")
+            fresh.__file__ = str(self.path)
+            sys.modules[fresh.__name__] = fresh
+            namespace = fresh.__dict__
         out = io.StringIO()
         start = time.perf_counter()
         try:
             with contextlib.redirect_stdout(out), _watch_reads(self.opened):
-                exec(code, self.namespace)
+                exec(code, namespace)
+            if alone:
+                self.namespace.update({k: v for k, v in namespace.items()
+                                       if not k.startswith("__")})
         except BaseException:
             self.failed = self.done
             _collect_figures()
