@@ -551,3 +551,42 @@ def test_a_fence_that_needs_nothing_from_above_runs_alone(tmp_path):
     run.run_to(2)
     assert [o.text for o in run.outputs] == ["", "seen None\n",
                                              "page 2 None\n"]
+
+
+def test_a_copy_keeps_what_changes_its_names_and_the_seeds_above_them(
+        tmp_path):
+    page = tmp_path / "part" / "chap.md"
+    page.parent.mkdir()
+    page.write_text(textwrap.dedent('''\
+        ```python
+        import random
+        record = {"best": 3}
+        log = []
+        ```
+
+        ```python
+        log.append("expensive")  # changes log: a copy needing log keeps it
+        summary = [record["best"]]  # reads record, changes nothing of it
+        summary.append(record["best"])  # changes summary only
+        ```
+
+        ```python
+        random.seed(0)
+        unrelated = 1
+        draw = random.random()
+        ```
+
+        ```python
+        print(record, log, draw)
+        ```
+        '''))
+    last = book.copy_texts(page)[-1]
+    assert 'log.append("expensive")' in last  # it changes log
+    assert "summary" not in last  # passing record["best"] changes nothing
+    assert "random.seed(0)" in last  # the seed above `draw`, in its fence
+    assert "unrelated" not in last
+    namespace = {"__name__": "__main__"}
+    exec(compile(last, "copy", "exec"), namespace)
+    random_state = __import__("random")
+    random_state.seed(0)
+    assert namespace["draw"] == random_state.random()

@@ -892,9 +892,27 @@ class _Statement:
     source: str
     defines: frozenset
     uses: frozenset
-    acts: bool  # a call, loop or in-place change: it may change what it uses
+    acts: frozenset  # the names it may change in place (a training call
+    # changes its model, a loop anything it reads)
     module: str | None  # the module a titled fence's statement lands in
     is_import: bool
+    seeds: bool = False  # torch.manual_seed(0), seed_everything(0)...
+
+
+_SEEDERS = ("manual_seed", "seed_everything", "seed")
+
+
+def _seeds(node: ast.stmt) -> bool:
+    """A statement that seeds a random generator: what follows it in its
+    fence draws from that seed, so a copy keeps it with them."""
+    value = getattr(node, "value", None)
+    if not isinstance(node, (ast.Expr, ast.Assign)) or \
+            not isinstance(value, ast.Call):
+        return False
+    func = value.func
+    name = func.attr if isinstance(func, ast.Attribute) else \
+        getattr(func, "id", "")
+    return name in _SEEDERS
 
 
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda,
@@ -961,15 +979,75 @@ def _stored(target: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
 
 
+def _root(expr: ast.AST) -> set[str]:
+    """The name an attribute or item chain hangs from: model.fc.weight[0]
+    -> {"model"}."""
+    while isinstance(expr, (ast.Attribute, ast.Subscript)):
+        expr = expr.value
+    return {expr.id} if isinstance(expr, ast.Name) else set()
+
+
+def _acted(node: ast.stmt, created: set[str]) -> set[str]:
+    """The names a top-level statement may change in place: what it
+    assigns into; for a method of an object the page created (`created`:
+    `ax.plot(record["x"])`), that object and the names handed to it whole
+    (or in a tuple or list); for any other call (a function, a module's
+    function: `train(model, runs / "b")`), every name in its arguments. A
+    block (a loop, a `with`, an `if`, a `try`) may change anything it
+    reads."""
+    if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.With,
+                         ast.AsyncWith, ast.If, ast.Try)):
+        return _free_names(node)
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                         ast.ClassDef, ast.Import, ast.ImportFrom)):
+        return set()  # a definition runs nothing yet
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
+            getattr(node.value.func, "id", "") == "print":
+        return set()  # printing changes nothing
+    changed = set()
+    targets = node.targets if isinstance(node, ast.Assign) else \
+        [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) \
+        else []
+    for target in targets:
+        for t in (target.elts if isinstance(target, (ast.Tuple, ast.List))
+                  else [target]):
+            if not isinstance(t, ast.Name):
+                changed |= _root(t)  # model.weight = ..., x[0] = ...
+            elif isinstance(node, ast.AugAssign):
+                changed.add(t.id)  # x += 1 changes x
+    for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
+        receiver = _root(call.func.value) if isinstance(
+            call.func, ast.Attribute) else set()
+        args = call.args + [k.value for k in call.keywords]
+        if not receiver or not receiver <= created:  # a function: it may
+            for arg in args:  # change, or write, anything it is given
+                changed |= _free_names(arg)
+            continue
+        changed |= receiver  # model.train(), opt.step(), ax.plot(...)
+        for arg in args:
+            if isinstance(arg, ast.Starred):
+                arg = arg.value
+            if isinstance(arg, ast.Name):
+                changed.add(arg.id)  # train(model, ...)
+            elif isinstance(arg, (ast.Tuple, ast.List)):
+                changed |= {e.id for e in arg.elts
+                            if isinstance(e, ast.Name)}
+    return changed
+
+
 def _statements(path: Path) -> list[_Statement]:
     """Every top-level statement of a page's fences, with the names it
     binds and the names it reads."""
-    found = []
+    found, trees = [], []
     for k, fence in enumerate(page_fences(path)):
         try:
-            tree = ast.parse(fence.code)
+            trees.append((k, fence, ast.parse(fence.code)))
         except SyntaxError:
             continue
+    created = set().union(*(_bindings(node) for _, _, tree in trees
+                            for node in tree.body if not isinstance(
+                                node, (ast.Import, ast.ImportFrom))))
+    for k, fence, tree in trees:
         lines = fence.code.splitlines()
         module = None
         if fence.title:
@@ -987,17 +1065,11 @@ def _statements(path: Path) -> list[_Statement]:
                             for a in node.names}
             uses = _free_names(node)
             defines |= _bindings(node)
-            printing = (isinstance(node, ast.Expr) and isinstance(
-                node.value, ast.Call) and getattr(node.value.func, "id",
-                                                  "") == "print")
-            acts = not printing and (isinstance(node, (
-                ast.Expr, ast.For, ast.While, ast.With, ast.If, ast.Try,
-                ast.AugAssign)) or (isinstance(node, ast.Assign) and any(
-                    not isinstance(t, ast.Name) for t in node.targets)))
             found.append(_Statement(
                 k, "\n".join(lines[first - 1:node.end_lineno]),
-                frozenset(defines), frozenset(uses - _BUILTINS), acts,
-                module, is_import))
+                frozenset(defines), frozenset(uses - _BUILTINS),
+                frozenset(_acted(node, created) & uses - _BUILTINS), module,
+                is_import, _seeds(node)))
     return found
 
 
@@ -1009,8 +1081,10 @@ def copy_context(path: Path, index: int,
 
     A backward slice: walking up from the fence, keep every statement that
     binds a name still needed, or acts on one (a training loop changes the
-    model it uses); its own names become needed in turn. What a titled
-    fence defined is imported from the module instead of copied.
+    model it uses); its own names become needed in turn. A seed above a
+    kept statement in its fence is kept too, so that what it draws is
+    what the page drew. What a titled fence defined is imported from the
+    module instead of copied.
     """
     statements = _statements(path) if statements is None else statements
     wanted, bound = set(), set()
@@ -1022,10 +1096,10 @@ def copy_context(path: Path, index: int,
     earlier = [s for s in statements if s.fence < index]
     while True:  # a function reads its globals when called, not defined:
         needed = set(wanted)  # walk again until what they read is kept
-        kept, imports, deferred = [], {}, set()
+        kept, imports, deferred, seeded = [], {}, set(), set()
         for st in reversed(earlier):
-            if not (st.defines & needed or
-                    (st.acts and st.uses & needed - modules)):
+            if not (st.defines & needed or st.acts & needed - modules or
+                    (st.seeds and st.fence in seeded)):
                 continue
             if st.module is not None and not st.is_import:
                 for name in sorted(st.defines & needed):
@@ -1033,8 +1107,8 @@ def copy_context(path: Path, index: int,
                 needed -= st.defines
                 continue
             kept.append(st.source)
-            if not st.acts:
-                needed -= st.defines
+            seeded.add(st.fence)  # its fence's seed, above it, comes too
+            needed -= st.defines - st.acts  # a fresh binding ends the need
             needed |= st.uses
             if st.source.lstrip().startswith(("def ", "class ", "@",
                                               "async def ")):
