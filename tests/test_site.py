@@ -224,9 +224,11 @@ def test_figures_follow_the_colour_scheme(served, browser):
         visible = page.locator(f'.cave-figure img[src$="{shown}"]')
         invisible = page.locator(f'.cave-figure img[src$="{hidden}"]')
         assert visible.count() == invisible.count() > 0
-        visible.first.scroll_into_view_if_needed()
-        assert visible.first.is_visible(), f"{scheme}: {shown} not shown"
-        assert not invisible.first.is_visible(), f"{scheme}: {hidden} shown"
+        visible.first.scroll_into_view_if_needed()  # lazy: load it
+        visible.first.wait_for(state="visible", timeout=10_000)
+        assert invisible.first.evaluate(
+            "img => getComputedStyle(img).display") == "none", \
+            f"{scheme}: {hidden} shown"
         loaded = visible.first.evaluate("img => img.complete && "
                                         "img.naturalWidth > 100")
         assert loaded, f"{scheme}: the figure did not load"
