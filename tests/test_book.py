@@ -590,3 +590,36 @@ def test_a_copy_keeps_what_changes_its_names_and_the_seeds_above_them(
     random_state = __import__("random")
     random_state.seed(0)
     assert namespace["draw"] == random_state.random()
+
+
+def test_what_a_statement_may_change(tmp_path):
+    page = tmp_path / "part" / "chap.md"
+    page.parent.mkdir()
+    page.write_text(textwrap.dedent('''\
+        ```python
+        model, task, runs, log, ax = 1, 2, 3, [], 4
+        acc = task.exact_match(model)
+        n = round(len(task.items) * 0.5)
+        log.append(acc)
+        train(model, task, config)
+        save(model, runs / "b")
+        for p in model.parameters():
+            p.mul_(0.5)
+        for row in task.rows:
+            print(row)
+        with open(runs / "log", "w") as f:
+            f.write("x")
+        model.weight[0] = 1
+        ```
+        '''))
+    acts = {st.source.split("\n")[0]: set(st.acts)
+            for st in book._statements(page)}
+    assert acts["acc = task.exact_match(model)"] == set()  # a question
+    assert acts["n = round(len(task.items) * 0.5)"] == set()  # builtins
+    assert acts["log.append(acc)"] == {"log", "acc"}
+    assert acts["train(model, task, config)"] == {"model"}
+    assert acts['save(model, runs / "b")'] == {"model", "runs"}
+    assert acts["for p in model.parameters():"] == {"model"}
+    assert acts["for row in task.rows:"] == set()
+    assert acts['with open(runs / "log", "w") as f:'] == {"runs"}
+    assert acts["model.weight[0] = 1"] == {"model"}

@@ -988,21 +988,46 @@ def _root(expr: ast.AST) -> set[str]:
 
 
 def _acted(node: ast.stmt, created: set[str]) -> set[str]:
-    """The names a top-level statement may change in place: what it
-    assigns into; for a method of an object the page created (`created`:
-    `ax.plot(record["x"])`), that object and the names handed to it whole
-    (or in a tuple or list); for any other call (a function, a module's
-    function: `train(model, runs / "b")`), every name in its arguments. A
-    block (a loop, a `with`, an `if`, a `try`) may change anything it
-    reads."""
-    if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.With,
-                         ast.AsyncWith, ast.If, ast.Try)):
-        return _free_names(node)
+    """The names a statement may change in place.
+
+    - What it assigns into: `model.weight = ...`, `x[0] = ...`, `x += 1`.
+    - A method called for its effect, as the whole statement, on an
+      object the page created (`created`): `opt.step()`, `ax.plot(y)`,
+      `log.append(x)` change that object and what they are handed whole.
+    - A function (or a module's function, not a builtin that only reads):
+      its first argument, and where a path built in the call points
+      (`train(model, task, config)` trains model; `save(model, runs / "b")`
+      writes under runs). A method whose result is used is a question,
+      not a change: `acc = task.exact_match(...)`.
+    - A block (a loop, a `with`, an `if`, a `try`): what its statements
+      change, and what its loop variable or `as` name was drawn from if
+      they change that (`for p in model.parameters(): p.mul_(0.5)`).
+    """
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
                          ast.ClassDef, ast.Import, ast.ImportFrom)):
         return set()  # a definition runs nothing yet
-    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
-            getattr(node.value.func, "id", "") == "print":
+    if isinstance(node, (ast.For, ast.AsyncFor, ast.While, ast.With,
+                         ast.AsyncWith, ast.If, ast.Try)):
+        inner = []
+        for field in ("body", "orelse", "finalbody"):
+            inner += getattr(node, field, [])
+        for handler in getattr(node, "handlers", []):
+            inner += handler.body
+        changed = set().union(*(_acted(n, created) for n in inner))
+        drawn = []  # (names bound by the block's head, where from)
+        if isinstance(node, (ast.For, ast.AsyncFor)):
+            drawn.append((_stored(node.target), node.iter))
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            drawn += [(_stored(i.optional_vars), i.context_expr)
+                      for i in node.items if i.optional_vars is not None]
+        for names, source in drawn:
+            if changed & names:
+                changed |= _free_names(source)
+            changed -= names
+        return changed
+    value = getattr(node, "value", None)
+    if isinstance(node, ast.Expr) and isinstance(value, ast.Call) and \
+            getattr(value.func, "id", "") == "print":
         return set()  # printing changes nothing
     changed = set()
     targets = node.targets if isinstance(node, ast.Assign) else \
@@ -1019,20 +1044,29 @@ def _acted(node: ast.stmt, created: set[str]) -> set[str]:
         receiver = _root(call.func.value) if isinstance(
             call.func, ast.Attribute) else set()
         args = call.args + [k.value for k in call.keywords]
-        if not receiver or not receiver <= created:  # a function: it may
-            for arg in args:  # change, or write, anything it is given
-                changed |= _free_names(arg)
+        if receiver and receiver <= created:  # a method of the page's object
+            if not (isinstance(node, ast.Expr) and call is value):
+                continue  # its result is used: a question
+            changed |= receiver  # opt.step(), ax.plot(y), log.append(x)
+            for arg in args:
+                if isinstance(arg, ast.Starred):
+                    arg = arg.value
+                if isinstance(arg, ast.Name):
+                    changed.add(arg.id)
+                elif isinstance(arg, (ast.Tuple, ast.List)):
+                    changed |= {e.id for e in arg.elts
+                                if isinstance(e, ast.Name)}
             continue
-        changed |= receiver  # model.train(), opt.step(), ax.plot(...)
-        for arg in args:
-            if isinstance(arg, ast.Starred):
-                arg = arg.value
-            if isinstance(arg, ast.Name):
-                changed.add(arg.id)  # train(model, ...)
-            elif isinstance(arg, (ast.Tuple, ast.List)):
-                changed |= {e.id for e in arg.elts
-                            if isinstance(e, ast.Name)}
+        name = getattr(call.func, "id", None)
+        if name in _BUILTINS and name not in _CHANGING_BUILTINS:
+            continue  # len, round, zip, sorted... only read
+        for n, arg in enumerate(args):  # a function: its first argument,
+            if n == 0 or isinstance(arg, (ast.BinOp, ast.JoinedStr)):
+                changed |= _free_names(arg)  # and where a path points
     return changed
+
+
+_CHANGING_BUILTINS = {"next", "setattr", "delattr", "exec", "open"}
 
 
 def _statements(path: Path) -> list[_Statement]:
