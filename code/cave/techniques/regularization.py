@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from cave.classical.cnn import ResidualBlock, ResNet
 from cave.fundamentals.checkpoints import override_config
 from cave.fundamentals.data import mnist_split
-from cave.fundamentals.deep_networks import (MLP, Adam, MLPConfig,
-                                             check_images, evaluate,
-                                             one_cycle_lr)
+from cave.fundamentals.deep_networks import (MLP, Adam, Dropout,
+                                             MLPConfig, check_images,
+                                             evaluate, one_cycle_lr)
 from cave.fundamentals.essentials import (dropout, log_softmax,
                                           pick_device, seed_everything)
 
@@ -102,17 +102,11 @@ class DropConnectLinear(nn.Linear):
 
 
 # § Spatial dropout: whole feature maps (docs/techniques/regularization.md:270)
-class Dropout2d(nn.Module):
+class Dropout2d(Dropout):
     """Spatial dropout of (N, C, H, W): each channel of each image zeroed
     with probability p, the others scaled by 1 / (1 - p). Same masks as
-    nn.Dropout2d for the same seed; the identity in evaluation."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1], "
-                             f"got {p}")
-        self.p = p
+    nn.Dropout2d for the same seed; the identity in evaluation. Its p is
+    checked by the deep networks chapter's Dropout, which it extends."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
@@ -128,7 +122,7 @@ class Dropout2d(nn.Module):
         return f"p={self.p}"
 
 
-# § Stochastic depth: dropping whole residual branches (docs/techniques/regularization.md:338)
+# § Stochastic depth: dropping whole residual branches (docs/techniques/regularization.md:332)
 def drop_path(x: torch.Tensor, p: float, training: bool = True
               ) -> torch.Tensor:
     """Zero each example of x (B, ...) with probability p, scale the kept
@@ -180,7 +174,7 @@ def add_stochastic_depth(model: ResNet, p_last: float) -> list[float]:
     return ps
 
 
-# § Data augmentation on tensors (docs/techniques/regularization.md:472)
+# § Data augmentation on tensors (docs/techniques/regularization.md:466)
 def affine_matrices(angles: torch.Tensor, scales: torch.Tensor,
                     shifts: torch.Tensor, size: tuple[int, int]
                     ) -> torch.Tensor:
@@ -268,7 +262,7 @@ def cutout(x: torch.Tensor, size: int,
     return x.masked_fill(hole, 0.0)
 
 
-# § Mixed images, mixed labels (docs/techniques/regularization.md:681)
+# § Mixed images, mixed labels (docs/techniques/regularization.md:675)
 class Mixed(NamedTuple):
     """A mixed batch: images, soft targets, the weight lam of the batch's
     own images, and the permutation that chose each partner."""
@@ -329,7 +323,7 @@ def cutmix(x: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0,
                  index)
 
 
-# § Label smoothing (docs/techniques/regularization.md:761)
+# § Label smoothing (docs/techniques/regularization.md:755)
 def one_hot(labels: torch.Tensor, classes: int) -> torch.Tensor:
     """Class indices (B,) as float rows (B, classes) with a single 1."""
     if labels.dtype != torch.int64 or labels.ndim != 1:
@@ -359,7 +353,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor
     return -(targets * logp).sum(dim=-1).mean()
 
 
-# § Weight decay: an L2 penalty, or decoupled (docs/techniques/regularization.md:879)
+# § Weight decay: an L2 penalty, or decoupled (docs/techniques/regularization.md:873)
 @torch.no_grad()
 def decay_weights_(params, lr: float, weight_decay: float) -> None:
     """Decoupled weight decay, in place: w <- w (1 - lr * weight_decay).
@@ -373,7 +367,7 @@ def decay_weights_(params, lr: float, weight_decay: float) -> None:
         p.mul_(1.0 - lr * weight_decay)
 
 
-# § Early stopping (docs/techniques/regularization.md:997)
+# § Early stopping (docs/techniques/regularization.md:991)
 class EarlyStopping:
     """Track a score to maximise; step(score, model) returns True once the
     score has not beaten its best by min_delta for `patience` steps. The
@@ -402,7 +396,7 @@ class EarlyStopping:
         model.load_state_dict(self.best_state)
 
 
-# § Measured: which methods help on 1,000 digits (docs/techniques/regularization.md:1095)
+# § Measured: which methods help on 1,000 digits (docs/techniques/regularization.md:1089)
 @dataclasses.dataclass
 class RegConfig:
     train_size: int = 1000  # the small-data regime: 100 digits a class
