@@ -158,8 +158,16 @@ def build_parser() -> Parser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-cache", action="store_true")
+    s.add_argument("--no-cache", action="store_true",
+                   help="recompute the whole window at every token (slow; "
+                        "the same text)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--time", action="store_true",
+                   help="print the seconds spent generating on stderr")
+    s.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: one token at a time, a "
+                        "second thread mostly waits, and on a busy machine "
+                        "waits long)")
     b = sub.add_parser("bench", help="measure speed; record the results")
     b.add_argument("--skip-train", action="store_true",
                    help="only the matrix-product peak and generation")
@@ -243,26 +251,39 @@ def cmd_train(args, argv: list[str]) -> int:
 
 
 def cmd_sample(args) -> int:
+    import time
+
     import torch
 
+    from cave.frontiers.fast_generation import fast_generate
     from cave.transformers import llama_training as L
-    from cave.transformers.llama import generate
 
     if args.tokens < 0:
         raise UsageError(f"--tokens must be >= 0, got {args.tokens}")
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     device = checked_device(args.device)
     model, tokenizer, _ = L.load_model(args.checkpoint or L.SHIPPED, device)
     prompt = tokenizer.encode(args.prompt or "\n")[None]  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, prompt.to(device), args.tokens,
-                   temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, generator=generator,
-                   use_cache=not args.no_cache)  # (1, T + tokens)
+    start = time.perf_counter()
+    out = fast_generate(model, prompt.to(device), args.tokens,
+                        temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, generator=generator,
+                        use_cache=not args.no_cache)  # (1, T + tokens)
+    seconds = time.perf_counter() - start
     print(tokenizer.decode(out[0]))
+    if args.time:
+        print(f"generated {args.tokens} tokens in {seconds:.2f} s",
+              file=sys.stderr)
     return 0
 
 
 def cmd_bench(args, argv: list[str]) -> int:
+    import torch
+
+    from cave.frontiers import fast_generation as FG
     from cave.transformers.llama import LlamaConfig
     from cave.transformers import llama_training as L
 
@@ -287,10 +308,15 @@ def cmd_bench(args, argv: list[str]) -> int:
               f"{tok_s * fpt / peak:.1%} of the peak")
     model, _, _ = L.load_model(L.SHIPPED)
     speeds = {"cache": L.generation_speed(model, 500, True),
-              "no_cache": L.generation_speed(model, 500, False)}
+              "no_cache": L.generation_speed(model, 500, False),
+              "fast": FG.time_generation(lambda n: FG.fast_generate(
+                  model, torch.zeros(1, 1, dtype=torch.long), n,
+                  generator=torch.Generator().manual_seed(0)), 500)}
     result["generation_tokens_per_second"] = speeds
     print(f"generation, 500 tokens: {speeds['cache']:.0f} tok/s with the "
-          f"KV cache, {speeds['no_cache']:.0f} without")
+          f"KV cache, {speeds['no_cache']:.0f} without, {speeds['fast']:.0f}"
+          f" with fast_generate (benchmarks/generation.py compares it with "
+          f"Hugging Face)")
     if not args.no_record:
         record_results("llama_training", result, command(argv),
                        entry="bench")
