@@ -943,8 +943,14 @@ def _free_names(node: ast.AST) -> set[str]:
     if isinstance(node, ast.Name):
         return set() if isinstance(node.ctx, ast.Store) else {node.id}
     free = set()
-    for child in ast.iter_child_nodes(node):
-        free |= _free_names(child)
+    for _, value in ast.iter_fields(node):
+        if isinstance(value, list) and value and \
+                isinstance(value[0], ast.stmt):
+            free |= _body_free(value)  # a block's statements, in order
+        else:
+            for child in value if isinstance(value, list) else [value]:
+                if isinstance(child, ast.AST):
+                    free |= _free_names(child)
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
                          ast.Lambda)):
         a = node.args
@@ -972,6 +978,18 @@ def _free_names(node: ast.AST) -> set[str]:
                 free -= _stored(item.optional_vars)
     elif isinstance(node, ast.ExceptHandler) and node.name:
         free.discard(node.name)
+    return free
+
+
+def _body_free(body: list[ast.stmt]) -> set[str]:
+    """What a block reads from outside: a name its earlier statement binds
+    is the block's own for the statements after (`verdict = ...` then
+    `print(verdict)` in one loop body reads no outer `verdict`)."""
+    free, bound = set(), set()
+    for stmt in body:
+        free |= _free_names(stmt) - bound
+        bound |= _bindings(stmt) | ({stmt.name} if isinstance(
+            stmt, _SCOPES[:3]) else set())
     return free
 
 
