@@ -623,3 +623,32 @@ def test_what_a_statement_may_change(tmp_path):
     assert acts["for row in task.rows:"] == set()
     assert acts['with open(runs / "log", "w") as f:'] == {"runs"}
     assert acts["model.weight[0] = 1"] == {"model"}
+
+
+def test_a_name_a_block_binds_before_reading_it_is_the_blocks_own(
+        tmp_path):
+    """`verdict = ...` then `print(verdict)` in one loop body reads no
+    earlier `verdict`: the copy leaves out the fence that set one (here
+    a costly one); a name read before the block binds it is still needed."""
+    page = tmp_path / "part" / "chap.md"
+    page.parent.mkdir()
+    page.write_text(textwrap.dedent('''\
+        ```python
+        costly = [1, 2]
+        for x in costly:
+            verdict = x * 2
+        total = 0
+        ```
+
+        ```python
+        for y in range(3):
+            verdict = y + 1
+            print(verdict)
+            if y:
+                total = total + verdict
+        ```
+        '''))
+    last = book.copy_texts(page)[-1]
+    assert "costly" not in last and "x * 2" not in last
+    assert "total = 0" in last  # read before the loop binds it
+    exec(compile(last, "copy", "exec"), {"__name__": "__main__"})
