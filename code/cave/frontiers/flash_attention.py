@@ -227,7 +227,7 @@ def flash_forward(q: Tensor, k: Tensor, v: Tensor,
     return out.flatten(1, 2), lse.flatten(1, 2)  # (B, H, L, Ev), (B, H, L)
 
 
-# § The backward, recomputed (docs/frontiers/flash_attention.md:446)
+# § The backward, recomputed (docs/frontiers/flash_attention.md:452)
 def flash_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                    lse: Tensor, grad_out: Tensor,
                    attn_mask: Tensor | None = None, is_causal: bool = False,
@@ -307,7 +307,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor,
                                 block_q, block_k)
 
 
-# § Slow-memory traffic, counted (docs/frontiers/flash_attention.md:639)
+# § Slow-memory traffic, counted (docs/frontiers/flash_attention.md:645)
 def naive_attention(q: Tensor, k: Tensor, v: Tensor,
                     is_causal: bool = False, io: IOCount | None = None
                     ) -> Tensor:
@@ -330,7 +330,7 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor,
     return out
 
 
-# § Measured on this CPU: memory and time (docs/frontiers/flash_attention.md:718)
+# § Measured on this CPU: memory and time (docs/frontiers/flash_attention.md:725)
 class PeakMemory(TorchDispatchMode):
     """Counts bytes of the tensors operations create while it is active:
     `now` alive, `peak` the most at once."""
