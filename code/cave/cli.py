@@ -1,6 +1,8 @@
 """The `cave` command line: the book's only argparse.
 
     cave train   train the LLaMA of docs/transformers/llama_training.md
+                 (under torchrun --nproc-per-node N: data-parallel, as
+                 docs/scale/distributed.md builds it)
     cave sample  sample from a checkpoint (the shipped model by default)
     cave bench   measure speed; record the results
     cave run     run a chapter's page, or with --full its full training run
@@ -228,10 +230,19 @@ def cmd_train(args, argv: list[str]) -> int:
         model_config = LlamaConfig(**model_kw)
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
-    summary = L.train(config, model_config, args.out, resume=args.resume,
-                      stop_at=args.stop_at,
-                      stream=None if args.quiet else sys.stderr,
-                      sample_chars=200 if args.record else 0)
+    stream = None if args.quiet else sys.stderr
+    from cave.scale import distributed as D
+    if D.launched_by_torchrun():  # torchrun --nproc-per-node N: one rank
+        summary = D.torchrun_train(config, model_config, args.out,
+                                   resume=args.resume, stop_at=args.stop_at,
+                                   stream=stream)
+        if summary is None:  # not rank 0, which alone reports and writes
+            return 0
+    else:
+        summary = L.train(config, model_config, args.out,
+                          resume=args.resume, stop_at=args.stop_at,
+                          stream=stream,
+                          sample_chars=200 if args.record else 0)
     where = f" | checkpoint {args.out}" if args.out is not None else ""
     val = summary["val_loss"]
     print(f"val_loss {'-' if val is None else f'{val:.4f}'} | tokens "

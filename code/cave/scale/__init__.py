@@ -1,0 +1,1 @@
+"""Part 6, scale: training on many processes and devices with torch.distributed."""
