@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cave.fundamentals.checkpoints import load_checkpoint, save_checkpoint
 from cave.fundamentals.data import Batches, shakespeare_split
@@ -63,7 +64,7 @@ from cave.transformers.llama_training import (
     make_optimizer, resume_run)
 
 
-# § Ranks and process groups (docs/scale/distributed.md:123)
+# § Ranks and process groups (docs/scale/distributed.md:124)
 def free_port() -> int:
     """A TCP port on this machine that nothing listens on right now."""
     with socket.socket() as s:
@@ -181,7 +182,7 @@ def launch(fn, world_size: int = 2, *args, timeout: float = 30.0,
     return [out.get(r) for r in range(world_size)]
 
 
-# § The four collectives (docs/scale/distributed.md:316)
+# § The four collectives (docs/scale/distributed.md:317)
 def ring_bytes(kind: str, nbytes: float, world_size: int) -> float:
     """Bytes one rank sends in a bandwidth-optimal ring collective on a
     tensor of nbytes (the full tensor: the all-reduced one, the gathered
@@ -240,7 +241,7 @@ class Comm:
         return sum(self.sent.values())
 
 
-# § Data parallelism from scratch (docs/scale/distributed.md:443)
+# § Data parallelism from scratch (docs/scale/distributed.md:444)
 class DataParallel(nn.Module):
     """Data parallelism from scratch: one replica per rank.
 
@@ -316,7 +317,7 @@ class DataParallel(nn.Module):
             self.sync = True
 
 
-# § The sampler, and accumulation without synchronising (docs/scale/distributed.md:596)
+# § The sampler, and accumulation without synchronising (docs/scale/distributed.md:597)
 def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True,
                   seed: int = 0, epoch: int = 0) -> list[int]:
     """The examples rank `rank` sees in one epoch of a data set of n:
@@ -334,7 +335,7 @@ def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True,
     return order[rank:total:world_size]
 
 
-# § ZeRO: sharding the optimiser, the gradients, the parameters (docs/scale/distributed.md:716)
+# § ZeRO: sharding the optimiser, the gradients, the parameters (docs/scale/distributed.md:717)
 def piece(numel: int, rank: int, world_size: int) -> tuple[int, int, int]:
     """Rank `rank`'s piece of a flattened tensor of numel elements:
     (chunk, lo, hi). Every rank is given chunk = ceil(numel / N) slots;
@@ -447,8 +448,7 @@ class FullyShard(nn.Module):
             weights = self.gathered()  # alive only inside run
             return torch.func.functional_call(self.unit, weights, inputs)
 
-        return torch.utils.checkpoint.checkpoint(run, *args,
-                                                 use_reentrant=False)
+        return checkpoint(run, *args, use_reentrant=False)
 
 
 def outermost(model: nn.Module, unit) -> list[tuple]:
@@ -772,7 +772,7 @@ def tensor_parallel_bytes(activation_bytes: int, world_size: int) -> float:
     return 2 * ring_bytes("all_reduce", activation_bytes, world_size)
 
 
-# § `cave train` on many ranks (docs/scale/distributed.md:1352)
+# § `cave train` on many ranks (docs/scale/distributed.md:1354)
 def train_data_parallel(config: TrainConfig, model_config: LlamaConfig,
                         out_dir=None, resume: bool = False,
                         stop_at: int | None = None, stream=None,
@@ -928,7 +928,7 @@ def torchrun_train(config: TrainConfig, model_config: LlamaConfig,
     return summary if rank == 0 else None
 
 
-# § Measured: bytes and time per step (docs/scale/distributed.md:1560)
+# § Measured: bytes and time per step (docs/scale/distributed.md:1562)
 def llama_case(steps: int, batch_size: int = 32, block_size: int = 64,
                **model_kw):
     """A LLaMA problem for train_scheme: (make_model, batches, loss_fn,
