@@ -99,6 +99,15 @@ def apply_overrides(train_kw: dict, model_kw: dict,
     return train_kw, model_kw
 
 
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun started, or that already belongs
+    to a process group (the distributed chapter's `launch` makes them)."""
+    import torch.distributed as dist
+
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        dist.is_available() and dist.is_initialized())
+
+
 def checked_device(name: str | None) -> str | None:
     """The --device value, refused in one line if this PyTorch lacks it."""
     if name is None:
@@ -231,11 +240,12 @@ def cmd_train(args, argv: list[str]) -> int:
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from None
     stream = None if args.quiet else sys.stderr
-    from cave.scale import distributed as D
-    if D.launched_by_torchrun():  # torchrun --nproc-per-node N: one rank
-        summary = D.torchrun_train(config, model_config, args.out,
-                                   resume=args.resume, stop_at=args.stop_at,
-                                   stream=stream)
+    if launched_by_torchrun():  # torchrun --nproc-per-node N: one rank
+        from cave.scale.distributed import torchrun_train
+
+        summary = torchrun_train(config, model_config, args.out,
+                                 resume=args.resume, stop_at=args.stop_at,
+                                 stream=stream)
         if summary is None:  # not rank 0, which alone reports and writes
             return 0
     else:

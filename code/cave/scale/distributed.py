@@ -899,13 +899,6 @@ def train_data_parallel(config: TrainConfig, model_config: LlamaConfig,
     return summary
 
 
-def launched_by_torchrun() -> bool:
-    """True in a process that torchrun started (or that already belongs
-    to a process group)."""
-    return dist.is_available() and (dist.is_initialized() or
-                                    "TORCHELASTIC_RUN_ID" in os.environ)
-
-
 def torchrun_train(config: TrainConfig, model_config: LlamaConfig,
                    out_dir=None, **kwargs) -> dict | None:
     """`cave train` under `torchrun --nproc-per-node N`: join the group
@@ -928,7 +921,7 @@ def torchrun_train(config: TrainConfig, model_config: LlamaConfig,
     return summary if rank == 0 else None
 
 
-# § Measured: bytes and time per step (docs/scale/distributed.md:1562)
+# § Measured: bytes and time per step (docs/scale/distributed.md:1555)
 def llama_case(steps: int, batch_size: int = 32, block_size: int = 64,
                **model_kw):
     """A LLaMA problem for train_scheme: (make_model, batches, loss_fn,
