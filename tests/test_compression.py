@@ -6,7 +6,6 @@ LoRA layer in outputs and gradients."""
 
 import copy
 import json
-import warnings
 
 import pytest
 import torch
@@ -29,7 +28,8 @@ from cave.techniques.compression import (
 from cave.transformers.llama import Llama, LlamaConfig
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 sums taken in another order
-warnings.filterwarnings("ignore", "torch.quantize_per")  # deprecated API
+pytestmark = pytest.mark.filterwarnings(  # torch's deprecated API, used
+    "ignore:torch.quantize_per")  # here as the reference it still is
 
 
 def scaled_rows(rows, cols, seed):

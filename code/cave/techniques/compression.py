@@ -603,13 +603,13 @@ def lora_finetune(model: nn.Module, ids: Tensor, steps: int,
     return losses
 
 
-# § The full run (docs/techniques/compression.md:1210)
+# § The full run (docs/techniques/compression.md:1212)
 @dataclasses.dataclass
 class CompressionConfig:
     group_size: int = 32  # weights per 4-bit grid: 64 left a larger
     # error in the chapter's demonstration; 32 adds 1.25 bits a weight
     calibration_windows: int = 32  # GPTQ's calibration: 32 windows of
-    # 256 training characters (8,192 characters, every layer's H full rank)
+    # 256 training characters, 8,192 inputs to every layer
     eval_windows: int = 64  # validation windows per model: 16,384
     # characters spread over the validation text, the same for each model
     speed_tokens: int = 100  # characters generated per timing
@@ -624,8 +624,8 @@ class CompressionConfig:
     # cheaper to run than the teacher: one multiply-add per weight
     lora_rank: int = 8  # 2 r (in + out) numbers per adapted layer
     lora_alpha: float = 16.0  # scaling alpha / r = 2, peft's examples'
-    lora_steps: int = 100  # about five passes over Prospero's 10,700
-    # training characters at 4 x 128 a step: a CPU-sized fine-tune
+    lora_steps: int = 100  # about five passes over Prospero's training
+    # characters at 4 x 128 a step: a fine-tune sized for a CPU
     lora_batch: int = 4  # windows per step
     lora_block: int = 128  # characters per window
     lora_lr: float = 2e-3  # adapters start at zero and need a push
