@@ -5,8 +5,8 @@ window_forward (a full forward with a sliding-window mask) past the
 window; transformers' LlamaForCausalLM.generate(do_sample=False) inside
 it. Token-for-token comparisons run in float64 (no near-ties decided by
 rounding) except against transformers (float32, eager attention); logits
-are compared at rtol=atol=1e-5 in float32 and 2**-6 in bfloat16 (8
-significant bits). Speculative sampling is checked statistically: a
+are compared at rtol=atol=1e-5 in float32, 2**-6 in bfloat16 (8
+significant bits) and 2**-9 in float16 (11). Speculative sampling is checked statistically: a
 chi-squared test of the joint distribution of two sampled tokens against
 the target's exact probabilities, with a fixed seed (so it cannot flake)
 and a threshold at the 0.1 % tail. No test times anything.
@@ -25,6 +25,7 @@ import transformers  # noqa: E402  (a test requirement: never skip)
 
 F32 = {"rtol": 1e-5, "atol": 1e-5}
 BF16 = {"rtol": 2 ** -6, "atol": 2 ** -6}
+F16 = {"rtol": 2 ** -9, "atol": 2 ** -9}  # 11 significant bits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,16 +137,17 @@ def test_without_the_cache_the_same_tokens():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, F32),
-                                        (torch.bfloat16, BF16)])
-def test_logits_match_the_model_in_float32_and_bfloat16(dtype, tol):
+                                        (torch.bfloat16, BF16),
+                                        (torch.float16, F16)])
+def test_logits_match_the_model_in_float32_bfloat16_and_float16(dtype, tol):
     m = model(*CONFIGS[0], dtype=torch.float32)
     x = ids(2, 8, 23, seed=7)
     decoder = FG.FastDecoder(m, dtype)
     cache = decoder.new_cache(2)
     got = torch.cat([decoder(x[:, :3], cache)]
                     + [decoder(x[:, i:i + 1], cache) for i in range(3, 8)], 1)
-    with torch.no_grad():
-        want = m.to(dtype)(x)[0]
+    with torch.no_grad():  # float16 against the float32 model
+        want = m.to(dtype if dtype != torch.float16 else torch.float32)(x)[0]
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
@@ -324,3 +326,20 @@ def test_the_shipped_draft_shares_the_shipped_models_characters():
     draft, small, _ = load_model(FG.DRAFT)
     assert small.chars == big.chars
     assert draft.config.vocab_size == len(big.chars)
+
+
+def test_cave_sample_in_float16_and_what_it_refuses(capsys):
+    from cave.transformers.llama_training import SHIPPED, load_model
+
+    assert cli.main(["sample", "--tokens", "20", "--seed", "1",
+                     "--dtype", "float16"]) == 0
+    model, tokenizer, _ = load_model(SHIPPED)
+    want = FG.fast_generate(FG.FastDecoder(model, torch.float16),
+                            tokenizer.encode("\n")[None], 20,
+                            temperature=0.8,
+                            generator=torch.Generator().manual_seed(1))
+    assert capsys.readouterr().out == tokenizer.decode(want[0]) + "\n"
+    assert cli.main(["sample", "--no-cache", "--dtype", "float16"]) == 2
+    assert "--no-cache runs the float32 model" in capsys.readouterr().err
+    assert cli.main(["sample", "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err

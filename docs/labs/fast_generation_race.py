@@ -5,10 +5,10 @@
 # decoder without per-token overhead, a rolling cache, and speculative
 # decoding with a small draft model. Here we run them on the shipped
 # Shakespeare model and its draft (the quick preset's model) and watch
-# what each buys. Every rate below is what this run measured, on this
-# machine at its load of the moment: run the lab again and the numbers
-# move, the comparisons (made in the same cell, one after the other) much
-# less.
+# what each buys. Every rate below is what this run measured, in CPU time
+# of this process, on this machine at its load of the moment: run the lab
+# again and the numbers move, the comparisons (made in the same cell, one
+# after the other) much less.
 
 # %%
 import time
@@ -28,10 +28,11 @@ fast, small = FastDecoder(model), FastDecoder(draft)
 
 
 def rate(fn, n):
-    """Tokens per second of fn(n), and what it returned."""
-    start = time.perf_counter()
+    """Tokens per second of fn(n) (this process's CPU time), and what it
+    returned."""
+    start = time.process_time()
     out = fn(n)
-    return n / (time.perf_counter() - start), out
+    return n / (time.process_time() - start), out
 
 
 def seeded():
@@ -45,10 +46,11 @@ def seeded():
 # the same `sample_next`, so inside the window they write the same text.
 
 # %%
+torch.set_num_threads(1)  # CPU time is a fair clock with one thread
 slow_rate, slow = rate(lambda n: generate(model, prompt, n, top_k=50,
-                                          generator=seeded()), 120)
+                                          generator=seeded()), 100)
 fast_rate, quick = rate(lambda n: fast_generate(fast, prompt, n, top_k=50,
-                                                generator=seeded()), 120)
+                                                generator=seeded()), 100)
 print(f"generate {slow_rate:.0f} tok/s, fast_generate {fast_rate:.0f} "
       f"tok/s: same text {torch.equal(slow, quick)}")
 print(tokenizer.decode(quick[0]))
@@ -64,7 +66,7 @@ print(tokenizer.decode(quick[0]))
 for k in (2, 4):
     spec_rate, (text, stats) = rate(lambda n: speculative_generate(
         fast, small, prompt, n, draft_tokens=k, top_k=50,
-        generator=seeded()), 120)
+        generator=seeded()), 100)
     print(f"draft_tokens {k}: {stats['accepted'] / stats['rounds']:.2f} "
           f"accepted per round, {spec_rate:.0f} tok/s")
 
@@ -73,8 +75,9 @@ for k in (2, 4):
 #
 # 1. Decode greedily (`temperature=0`): does the draft agree with the
 #    target more often than when sampling at temperature 1?
-# 2. Build the decoder in bfloat16 (`FastDecoder(model, torch.bfloat16)`).
-#    Are the greedy tokens those of float32, and is it faster here?
+# 2. Build the decoder in bfloat16 (`FastDecoder(model, torch.bfloat16)`)
+#    and in float16. Are the greedy tokens those of float32, and which is
+#    fastest here?
 # 3. Generate for a batch of 4 prompts at once. How many tokens per second
 #    in total, against one prompt?
 
@@ -100,18 +103,21 @@ for temperature in (0.0, 1.0):
 # ### Solution 2: bfloat16
 
 # %%
-half = FastDecoder(model, torch.bfloat16)
 r32, g32 = rate(lambda n: fast_generate(fast, prompt, n, temperature=0), 80)
-r16, g16 = rate(lambda n: fast_generate(half, prompt, n, temperature=0), 80)
-agree = (g32 == g16)[0, prompt.shape[1]:].float().mean().item()
-print(f"float32 {r32:.0f} tok/s, bfloat16 {r16:.0f} tok/s; greedy tokens "
-      f"equal: {agree:.0%}")
+for dtype in (torch.bfloat16, torch.float16):
+    half = FastDecoder(model, dtype)
+    r16, g16 = rate(lambda n: fast_generate(half, prompt, n, temperature=0),
+                    80)
+    agree = (g32 == g16)[0, prompt.shape[1]:].float().mean().item()
+    print(f"float32 {r32:.0f} tok/s, {dtype} {r16:.0f} tok/s; greedy "
+          f"tokens equal to float32's: {agree:.0%}")
 
 # %% [markdown]
-# bfloat16 halves the bytes per token, but rounds every product to 8
-# significant bits: greedy text agrees until the first near-tie, then
-# goes its own way. Whether it is faster depends on the CPU's bfloat16
-# kernels for one row at a time; the chapter's full run measures it.
+# Both halve the bytes per token. bfloat16 rounds every product to 8
+# significant bits, float16 to 11: greedy text agrees until the first
+# near-tie, then goes its own way, later for float16. Which is faster
+# depends on the CPU's kernels for one row at a time; the chapter's full
+# run measures it.
 
 # %% [markdown]
 # ### Solution 3: a batch of four

@@ -175,7 +175,7 @@ class RollingKVCache:
         self.v = [v[index] for v in self.v]
 
 
-# § A decoder without overhead (docs/frontiers/fast_generation.md:294)
+# § A decoder without overhead (docs/frontiers/fast_generation.md:304)
 class FastDecoder:
     """A Llama's weights laid out for generation; call it on new tokens.
 
@@ -192,14 +192,16 @@ class FastDecoder:
         c = self.config = model.config
         dtype = dtype or model.tok_embeddings.weight.dtype
         self.dtype, self.fused, self.rope_table = dtype, fused, rope_table
-        self.transposed = (dtype != torch.bfloat16 if transposed is None
+        self.transposed = (dtype == torch.float32 if transposed is None
                            else transposed)
         self.attention = attention
         self.cache_dtype = torch.promote_types(dtype, torch.float32)
 
         def matrix(*weights: Tensor) -> Tensor:  # stacked rows, (out, in)
             w = torch.cat([w.detach() for w in weights]).to(dtype)
-            return (w.t() if self.transposed else w).contiguous()
+            if self.transposed and w.shape[0] > w.shape[1]:  # wide
+                return w.t().contiguous().t()  # (out, in), column-major
+            return w.contiguous()
 
         def vector(w: Tensor) -> Tensor:
             return w.detach().to(dtype).contiguous()
@@ -230,9 +232,6 @@ class FastDecoder:
         return RollingKVCache(c.n_layers, batch_size, c.n_kv_heads,
                               c.head_dim, c.max_seq_len, capacity,
                               self.cache_dtype, self.device)
-
-    def linear(self, x: Tensor, w: Tensor) -> Tensor:
-        return x @ w if self.transposed else F.linear(x, w)
 
     def rotations(self, start: int, T: int) -> Tensor:
         """exp(i m theta_j) for positions start .. start + T - 1: (T, hd/2)."""
@@ -267,7 +266,7 @@ class FastDecoder:
         H, H_kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         rot = self.rotations(cache.length, T)[:, None]  # (T, 1, hd/2)
         mask = cache.mask(T)  # None, (1, filled) or (T, capacity + T)
-        lin = self.linear
+        lin = F.linear
         x = F.embedding(idx, self.embed)  # (B, T, C)
         for i, (norm1, norm2, wo, w2, mats) in enumerate(self.layers):
             h = self.rms(x, norm1)  # (B, T, C)
@@ -355,14 +354,16 @@ def fast_generate(model: Llama | FastDecoder, idx: Tensor,
     return out[:, :n]
 
 
-def time_generation(fn, tokens: int) -> float:
-    """Tokens per second of fn(tokens), one call."""
-    start = time.perf_counter()
+def time_generation(fn, tokens: int, clock=time.perf_counter) -> float:
+    """Tokens per second of fn(tokens), one call, timed by clock
+    (time.process_time: this process's CPU time, which other processes'
+    load does not inflate when torch runs one thread)."""
+    start = clock()
     fn(tokens)
-    return tokens / (time.perf_counter() - start)
+    return tokens / (clock() - start)
 
 
-# § Many prompts at once (docs/frontiers/fast_generation.md:557)
+# § Many prompts at once (docs/frontiers/fast_generation.md:573)
 @torch.no_grad()
 def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
                       max_new_tokens: int, beam_width: int = 4,
@@ -424,7 +425,7 @@ def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
     return results
 
 
-# § Speculative decoding (docs/frontiers/fast_generation.md:679)
+# § Speculative decoding (docs/frontiers/fast_generation.md:695)
 def sampling_probs(logits: Tensor, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None
                    ) -> Tensor:
@@ -528,12 +529,17 @@ def speculative_generate(target: Llama | FastDecoder,
     return torch.tensor([tokens], device=device), stats
 
 
-# § The full run (docs/frontiers/fast_generation.md:851)
+# § The full run (docs/frontiers/fast_generation.md:869)
 def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
-             threads: int = 1, draft_tokens: int = 4) -> dict:
+             threads: int = 1, draft_tokens: int = 4, clock: str = "cpu"
+             ) -> dict:
     """Tokens per second of each change on the shipped model, batch 1,
-    top-k 50, interleaved round by round (the best round kept); and
-    speculative decoding with the quick preset's model as the draft."""
+    top-k 50, interleaved round by round (the best round kept), of CPU
+    time (clock="cpu") or wall time ("wall"); and speculative decoding
+    with the quick preset's model as the draft."""
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     from cave.transformers.llama_training import SHIPPED, load_model
 
     torch.set_num_threads(threads)
@@ -550,8 +556,9 @@ def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
                                 attention="sdpa"),
         "+ fused projections": dict(transposed=False, attention="sdpa"),
         "+ grouped attention as matmuls": dict(transposed=False),
-        "+ weights stored (in, out)": dict(transposed=True),
-        "bfloat16 weights": dict(dtype=torch.bfloat16),
+        "+ wide matrices column by column": dict(transposed=True),
+        "bfloat16": dict(dtype=torch.bfloat16),
+        "float16 kernels on the bfloat16 weights": dict(dtype=torch.float16),
     }
     runs = {name: (lambda n, kw=kw: generate(
                 model, prompt, n, top_k=50,
@@ -562,10 +569,11 @@ def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
                                               .manual_seed(0)))
             for name, kw in steps.items()}
     spec = {}
+    helper = FastDecoder(small)  # the draft is small: float32 everywhere
     for dtype in (torch.float32, torch.bfloat16):
-        target, helper = FastDecoder(model, dtype), FastDecoder(small, dtype)
+        target = FastDecoder(model, dtype)
 
-        def run(n, target=target, helper=helper, dtype=dtype):
+        def run(n, target=target, dtype=dtype):
             _, stats = speculative_generate(
                 target, helper, prompt, n, draft_tokens, top_k=50,
                 generator=torch.Generator().manual_seed(0))
@@ -575,9 +583,10 @@ def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
     best = {name: 0.0 for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
-            best[name] = max(best[name], time_generation(fn, tokens))
+            best[name] = max(best[name], time_generation(fn, tokens,
+                                                         timer))
     return {  # the recorder adds the threads, the CPU and the load
-        "tokens": tokens, "rounds": rounds, "rates": best,
+        "tokens": tokens, "rounds": rounds, "clock": clock, "rates": best,
         "speculative": {
             name: {"draft_tokens": draft_tokens,
                    "accepted_per_round": s["accepted"] / s["rounds"],
