@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 
-# § The router (docs/frontiers/moe.md:113)
+# § The router (docs/frontiers/moe.md:114)
 @dataclasses.dataclass
 class MoEConfig:
     dim: int = 64  # the width of the tokens routed (the model's dim)
@@ -86,7 +86,7 @@ def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     return top / top.sum(dim=-1, keepdim=True), experts  # renormalised
 
 
-# § Experts, dispatch and combine (docs/frontiers/moe.md:194)
+# § Experts, dispatch and combine (docs/frontiers/moe.md:195)
 class MoE(nn.Module):
     """A sparse mixture of SwiGLU experts: x (..., dim) -> (..., dim).
 
@@ -169,7 +169,7 @@ def moe_loop(moe: MoE, x: Tensor) -> Tensor:
     return y.reshape(shape)
 
 
-# § Balancing the load (docs/frontiers/moe.md:340)
+# § Balancing the load (docs/frontiers/moe.md:341)
 def load_balancing_loss(router_logits: Tensor, top_k: int) -> Tensor:
     """Switch's E * sum_i f_i P_i for one layer's logits (N, E): f_i the
     share of tokens routed to expert i (counted once per token that
@@ -188,7 +188,7 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
     return lse.pow(2).mean()
 
 
-# § A LLaMA with experts (docs/frontiers/moe.md:462)
+# § A LLaMA with experts (docs/frontiers/moe.md:463)
 class MoELlama(Llama):
     """A Llama whose blocks' feed-forward layers are MoE layers."""
 
@@ -233,7 +233,7 @@ class MoELlama(Llama):
         return sum(p.numel() for p in self.parameters()) - idle
 
 
-# § Trained on Tiny Shakespeare (docs/frontiers/moe.md:544)
+# § Trained on Tiny Shakespeare (docs/frontiers/moe.md:545)
 RACE = {
     "model": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=4,
                   max_seq_len=64),
