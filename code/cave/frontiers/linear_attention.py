@@ -311,7 +311,7 @@ class LinearLlama(Llama):
         return LinearCache(self.config.n_layers, batch_size)
 
 
-# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:682)
+# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:683)
 def train_lm(model: Llama, config: TrainConfig, data=None,
              log_every: int = 50) -> dict:
     """Train any Llama (softmax or linear) with the LLaMA chapter's recipe:
