@@ -460,7 +460,7 @@ def import_hf(state: dict[str, Tensor], hf_config: dict) -> Mamba:
     return model
 
 
-# § Mamba against LLaMA (docs/frontiers/mamba.md:896)
+# § Mamba against LLaMA (docs/frontiers/mamba.md:898)
 def train_lm(model: nn.Module, config: TrainConfig, data=None,
              aux_loss=None, on_log=None) -> dict:
     """Train a language model with the LLaMA pipeline; return its history.
