@@ -105,7 +105,7 @@ def causal_conv(x: Tensor, K: Tensor) -> Tensor:
     return F.conv1d(xt, w, groups=K.shape[0]).transpose(1, 2)  # (B, T, D)
 
 
-# § Selectivity, and why it needs a scan (docs/frontiers/mamba.md:288)
+# § Selectivity, and why it needs a scan (docs/frontiers/mamba.md:290)
 def scan_sequential(a: Tensor, b: Tensor, h0: Tensor | None = None
                     ) -> Tensor:
     """Every h_t of h_t = a_t * h_{t-1} + b_t, by a loop over time.
@@ -139,7 +139,7 @@ def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     return y + D * x, h[:, -1]  # (B, T, E), (B, E, N)
 
 
-# § The scan, in parallel (docs/frontiers/mamba.md:389)
+# § The scan, in parallel (docs/frontiers/mamba.md:391)
 def scan_parallel(a: Tensor, b: Tensor, h0: Tensor | None = None
                   ) -> Tensor:
     """The h_t of scan_sequential in ceil(log2 T) rounds (Hillis and
@@ -156,7 +156,7 @@ def scan_parallel(a: Tensor, b: Tensor, h0: Tensor | None = None
     return b  # (B, T, ...)
 
 
-# § The Mamba block (docs/frontiers/mamba.md:468)
+# § The Mamba block (docs/frontiers/mamba.md:470)
 @dataclasses.dataclass
 class MambaConfig:
     vocab_size: int = 65  # Tiny Shakespeare's characters
@@ -272,7 +272,7 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.type_as(u))  # (B, T, dim)
 
 
-# § The language model (docs/frontiers/mamba.md:614)
+# § The language model (docs/frontiers/mamba.md:616)
 class MambaBlock(nn.Module):
     """x + mixer(norm(x)): a pre-norm residual block."""
 
@@ -365,7 +365,7 @@ class Mamba(nn.Module):
         return logits, loss
 
 
-# § Generation in constant memory (docs/frontiers/mamba.md:736)
+# § Generation in constant memory (docs/frontiers/mamba.md:738)
 @torch.no_grad()
 def generate(model: Mamba, idx: Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None,
@@ -388,7 +388,7 @@ def generate(model: Mamba, idx: Tensor, max_new_tokens: int,
     return idx
 
 
-# § Hugging Face's layout (docs/frontiers/mamba.md:808)
+# § Hugging Face's layout (docs/frontiers/mamba.md:810)
 def config_to_hf(config: MambaConfig) -> dict:
     """Our config as the fields of transformers' MambaConfig."""
     return {"model_type": "mamba", "architectures": ["MambaForCausalLM"],
@@ -460,7 +460,7 @@ def import_hf(state: dict[str, Tensor], hf_config: dict) -> Mamba:
     return model
 
 
-# § Mamba against LLaMA (docs/frontiers/mamba.md:898)
+# § Mamba against LLaMA (docs/frontiers/mamba.md:900)
 def train_lm(model: nn.Module, config: TrainConfig, data=None,
              aux_loss=None, on_log=None) -> dict:
     """Train a language model with the LLaMA pipeline; return its history.
