@@ -388,7 +388,7 @@ def generate(model: Mamba, idx: Tensor, max_new_tokens: int,
     return idx
 
 
-# § Hugging Face's layout (docs/frontiers/mamba.md:810)
+# § Hugging Face's layout (docs/frontiers/mamba.md:816)
 def config_to_hf(config: MambaConfig) -> dict:
     """Our config as the fields of transformers' MambaConfig."""
     return {"model_type": "mamba", "architectures": ["MambaForCausalLM"],
@@ -460,7 +460,7 @@ def import_hf(state: dict[str, Tensor], hf_config: dict) -> Mamba:
     return model
 
 
-# § Mamba against LLaMA (docs/frontiers/mamba.md:900)
+# § Mamba against LLaMA (docs/frontiers/mamba.md:906)
 def train_lm(model: nn.Module, config: TrainConfig, data=None,
              aux_loss=None, on_log=None) -> dict:
     """Train a language model with the LLaMA pipeline; return its history.
