@@ -65,7 +65,7 @@ def pruned(model, kind, amount):
 
 
 prune_loss = {}
-for amount in (0.25, 0.5, 0.75):
+for amount in (0.5, 0.75):
     prune_loss[amount] = score(pruned(llama, "magnitude", amount))
     print(f"{amount:.0%} zeros: loss {prune_loss[amount]:.3f} "
           f"({prune_loss[amount] - float_loss:+.3f})")

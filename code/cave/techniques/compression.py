@@ -321,7 +321,7 @@ def quantize_llama(model: Llama, method: str = "rtn", bits: int = 4,
     return model, errors
 
 
-# § Pruning: magnitude, channels, and 2:4 (docs/techniques/compression.md:653)
+# § Pruning: magnitude, channels, and 2:4 (docs/techniques/compression.md:655)
 def _count(amount: float, size: int) -> int:
     if not 0 <= amount <= 1:
         raise ValueError(f"amount must be a fraction in [0, 1], got "
@@ -420,7 +420,7 @@ def keep_pruned(model: nn.Module, masks: dict[str, Tensor]) -> list:
             for name, mask in masks.items()]
 
 
-# § Knowledge distillation (docs/techniques/compression.md:845)
+# § Knowledge distillation (docs/techniques/compression.md:847)
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor,
                       labels: Tensor, temperature: float = 4.0,
                       alpha: float = 0.9) -> Tensor:
@@ -445,8 +445,8 @@ class DistillConfig:
     epochs: int = 20  # the student alone stops improving well before
     batch_size: int = 128  # the CNN chapter's batch
     lr: float = 3e-3  # peak of the one-cycle schedule, as the recipe's
-    temperature: float = 4.0  # Hinton et al.'s range is 1 to 20; 4 is
-    # a common choice for 10 classes
+    temperature: float = 4.0  # soft enough that the teacher's second
+    # and third choices carry weight, a common choice for 10 classes
     alpha: float = 0.9  # weight of the soft targets; 0 trains alone
     seed: int = 0  # initial weights and batch order
 
@@ -496,7 +496,7 @@ def fit_student(config: DistillConfig, train_data, val_data,
     return student, evaluate(student, *val_data)[1]
 
 
-# § LoRA: low-rank adapters (docs/techniques/compression.md:993)
+# § LoRA: low-rank adapters (docs/techniques/compression.md:995)
 class LoRALinear(nn.Module):
     """base(x) + (alpha / rank) B A x, base frozen, A and B trained."""
 
@@ -569,7 +569,7 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# § Teaching the model a new character (docs/techniques/compression.md:1133)
+# § Teaching the model a new character (docs/techniques/compression.md:1135)
 def character_text(text: str, name: str) -> str:
     """Every speech of one character (paragraphs that begin 'NAME:'),
     joined by blank lines."""
@@ -603,7 +603,7 @@ def lora_finetune(model: nn.Module, ids: Tensor, steps: int,
     return losses
 
 
-# § The full run (docs/techniques/compression.md:1212)
+# § The full run (docs/techniques/compression.md:1214)
 @dataclasses.dataclass
 class CompressionConfig:
     group_size: int = 32  # weights per 4-bit grid: 64 left a larger
