@@ -311,7 +311,7 @@ class LinearLlama(Llama):
         return LinearCache(self.config.n_layers, batch_size)
 
 
-# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:683)
+# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:684)
 def train_lm(model: Llama, config: TrainConfig, data=None,
              log_every: int = 50) -> dict:
     """Train any Llama (softmax or linear) with the LLaMA chapter's recipe:
@@ -370,11 +370,12 @@ def _lm_part(device: str | None, overrides: dict) -> dict:
     data = shakespeare_split()
     model_config = dataclasses.replace(model_config,
                                        vocab_size=data[0].vocab_size)
+    seed_everything(train_config.seed)
+    softmax = Llama(model_config)
+    linear = LinearLlama(model_config)
+    linear.load_state_dict(softmax.state_dict())  # the same initial weights
     runs, models = {}, {}
-    for name in ("softmax", "linear"):
-        seed_everything(train_config.seed)  # the same seed for both
-        model = (Llama(model_config) if name == "softmax"
-                 else LinearLlama(model_config))
+    for name, model in (("softmax", softmax), ("linear", linear)):
         print(f"{name}: training", flush=True)
         runs[name] = train_lm(model, train_config, data)
         models[name] = model.cpu()
