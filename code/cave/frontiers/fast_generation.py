@@ -2,7 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
-# § Fast generation (docs/frontiers/fast_generation.md:32)
+# § Fast generation (docs/frontiers/fast_generation.md:33)
 """Fast generation: a rolling KV cache, a decoder without per-token
 overhead, batched and beam generation, speculative decoding.
 
@@ -50,7 +50,7 @@ __all__ = [
 DRAFT = RESULTS_DIR / "llama_quick"
 
 
-# § A rolling cache: past the window at constant cost (docs/frontiers/fast_generation.md:125)
+# § A rolling cache: past the window at constant cost (docs/frontiers/fast_generation.md:126)
 @torch.no_grad()
 def window_forward(model: Llama, idx: Tensor, window: int | None = None
                    ) -> Tensor:
@@ -175,7 +175,7 @@ class RollingKVCache:
         self.v = [v[index] for v in self.v]
 
 
-# § A decoder without overhead (docs/frontiers/fast_generation.md:304)
+# § A decoder without overhead (docs/frontiers/fast_generation.md:305)
 class FastDecoder:
     """A Llama's weights laid out for generation; call it on new tokens.
 
@@ -363,7 +363,7 @@ def time_generation(fn, tokens: int, clock=time.perf_counter) -> float:
     return tokens / (clock() - start)
 
 
-# § Many prompts at once (docs/frontiers/fast_generation.md:573)
+# § Many prompts at once (docs/frontiers/fast_generation.md:578)
 @torch.no_grad()
 def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
                       max_new_tokens: int, beam_width: int = 4,
@@ -425,7 +425,7 @@ def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
     return results
 
 
-# § Speculative decoding (docs/frontiers/fast_generation.md:695)
+# § Speculative decoding (docs/frontiers/fast_generation.md:700)
 def sampling_probs(logits: Tensor, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None
                    ) -> Tensor:
@@ -529,7 +529,7 @@ def speculative_generate(target: Llama | FastDecoder,
     return torch.tensor([tokens], device=device), stats
 
 
-# § The full run (docs/frontiers/fast_generation.md:869)
+# § The full run (docs/frontiers/fast_generation.md:874)
 def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
              threads: int = 1, draft_tokens: int = 4, clock: str = "cpu"
              ) -> dict:
