@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from cave.fundamentals.data import shakespeare_split
-from cave.frontiers.mamba import train_lm
+from cave.frontiers.linear_attention import train_lm
 from cave.frontiers.moe import MoEConfig, MoELlama
 from cave.transformers.llama import LlamaConfig
 from cave.transformers.llama_training import TrainConfig, evaluate

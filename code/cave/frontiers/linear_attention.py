@@ -22,8 +22,11 @@ The chapter docs/frontiers/linear_attention.md builds, in order:
     LinearAttention, LinearCache, LinearLlama
                         the LLaMA chapter's model with linear attention,
                         its state as the generation cache
-    train_lm, full_run  the LLaMA training pipeline for either model;
-                        `cave run linear_attention --full`
+    train_lm            the LLaMA training pipeline for any language
+                        model, with validation along the way, an
+                        auxiliary loss and a logging hook
+    full_run            the two LLaMAs trained alike, and the speed of
+                        each form; `cave run linear_attention --full`
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ __all__ = [
 ]
 
 
-# § Attention as a kernel (docs/frontiers/linear_attention.md:115)
+# § Attention as a kernel (docs/frontiers/linear_attention.md:118)
 def softmax_kernel(q: Tensor, k: Tensor) -> Tensor:
     """exp(q k^T / sqrt(d)): q (..., L, d), k (..., S, d) -> (..., L, S)."""
     return torch.exp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
@@ -75,7 +78,7 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, kernel,
     return (a @ v) / a.sum(dim=-1, keepdim=True)  # (..., L, dv)
 
 
-# § Feature maps (docs/frontiers/linear_attention.md:176)
+# § Feature maps (docs/frontiers/linear_attention.md:179)
 def elu_features(x: Tensor) -> Tensor:
     """elu(x) + 1: positive everywhere (Katharopoulos et al., 2020)."""
     return F.elu(x) + 1
@@ -126,7 +129,7 @@ class RandomFeatures(nn.Module):
         return torch.exp(proj - norm) / math.sqrt(w.shape[0])
 
 
-# § Regrouping the sums (docs/frontiers/linear_attention.md:326)
+# § Regrouping the sums (docs/frontiers/linear_attention.md:329)
 def _check_features(fq: Tensor, fk: Tensor, v: Tensor) -> None:
     if fq.shape[:-2] != fk.shape[:-2] or fk.shape[:-1] != v.shape[:-1] \
             or fq.shape[-1] != fk.shape[-1]:
@@ -238,7 +241,7 @@ def causal_chunked(fq: Tensor, fk: Tensor, v: Tensor, chunk: int = 64,
     return torch.cat(outs, dim=-2), (S, z)
 
 
-# § A linear LLaMA (docs/frontiers/linear_attention.md:501)
+# § A linear LLaMA (docs/frontiers/linear_attention.md:504)
 FEATURES = {"elu": elu_features, "relu": relu_features}
 
 
@@ -311,43 +314,73 @@ class LinearLlama(Llama):
         return LinearCache(self.config.n_layers, batch_size)
 
 
-# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:684)
-def train_lm(model: Llama, config: TrainConfig, data=None,
-             log_every: int = 50) -> dict:
-    """Train any Llama (softmax or linear) with the LLaMA chapter's recipe:
-    its batches, AdamW with decay on matrices, warm-up and cosine, gradient
-    clipping, bf16 autocast, and its validation protocol at the end."""
+# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:694)
+def train_lm(model: nn.Module, config: TrainConfig, data=None,
+             aux_loss=None, on_log=None, print_every: int = 0) -> dict:
+    """Train a language model with the LLaMA chapter's recipe; return its
+    losses and history.
+
+    The recipe: config.seed seeds every generator, then the chapter's
+    batches, AdamW with decay on matrices, warm-up and cosine, gradient
+    clipping, bf16 autocast, and its validation protocol: every
+    eval_interval steps on eval_windows windows, and at the end on every
+    window. model(idx, targets=...) returns (logits, loss). data:
+    (tokenizer, train_ids, val_ids), by default Tiny Shakespeare's split.
+    aux_loss(model) -> Tensor, if given, is added to each micro-batch's
+    loss (after its forward). on_log(step, model) is called at every
+    log_interval step and the last; print_every > 0 prints progress. The
+    model trains on config.device. Returns val_loss (the last), train_loss
+    (every step's), seconds (with validation), train_seconds (without),
+    tokens, history (train at log steps, val at eval steps), parameters.
+    """
     device = pick_device(config.device)
-    tokenizer, train_ids, val_ids = data or shakespeare_split()
+    _, train_ids, val_ids = data or shakespeare_split()
     seed_everything(config.seed)
     model = model.to(device).train()
     optimizer = make_optimizer(model, config)
     batches = Batches(train_ids, config.batch_size, config.block_size,
                       seed=config.seed)
-    losses, start = [], time.perf_counter()
-    for step in range(config.max_steps):
+    losses, history = [], {"train": [], "val": []}
+    start, tokens, validating = time.perf_counter(), 0, 0.0
+    for step in range(1, config.max_steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
+            group["lr"] = lr_at(step - 1, config)
         total = 0.0
         for _ in range(config.grad_accum):
             x, y = (t.to(device) for t in batches.next())  # (B, T) each
             with torch.autocast(device.type, torch.bfloat16,
                                 enabled=config.bf16):
                 _, loss = model(x, targets=y)
-            (loss / config.grad_accum).backward()
+                full = loss if aux_loss is None else loss + aux_loss(model)
+            (full / config.grad_accum).backward()
             total += loss.item() / config.grad_accum
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  step {step + 1}/{config.max_steps} loss {total:.4f} "
+        tokens += config.tokens_per_step
+        final = step == config.max_steps
+        if print_every and step % print_every == 0:
+            print(f"  step {step}/{config.max_steps} loss {total:.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+        if step % config.log_interval == 0 or final:
+            history["train"].append({"step": step, "loss": total,
+                                     "seconds": time.perf_counter() - start,
+                                     "tokens": tokens})
+            if on_log is not None:
+                on_log(step, model)
+        if step % config.eval_interval == 0 or final:
+            began = time.perf_counter()
+            val = evaluate(model, val_ids, config.block_size,
+                           None if final else config.eval_windows,
+                           bf16=config.bf16)
+            validating += time.perf_counter() - began
+            history["val"].append({"step": step, "val_loss": val})
     seconds = time.perf_counter() - start
-    val = evaluate(model, val_ids, config.block_size, bf16=config.bf16)
-    return {"train_loss": losses, "val_loss": val,
-            "train_seconds": seconds,
+    return {"val_loss": history["val"][-1]["val_loss"], "train_loss": losses,
+            "seconds": seconds, "train_seconds": seconds - validating,
+            "tokens": tokens, "history": history,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -377,7 +410,7 @@ def _lm_part(device: str | None, overrides: dict) -> dict:
     runs, models = {}, {}
     for name, model in (("softmax", softmax), ("linear", linear)):
         print(f"{name}: training", flush=True)
-        runs[name] = train_lm(model, train_config, data)
+        runs[name] = train_lm(model, train_config, data, print_every=50)
         models[name] = model.cpu()
     for rnd in range(3):  # generation speed, the two interleaved
         for name, model in models.items():

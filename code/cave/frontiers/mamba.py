@@ -20,8 +20,8 @@ The chapter docs/frontiers/mamba.md builds, in order:
     generate           sampling one token at a time from the state
     export_hf, import_hf
                        the Hugging Face layout, both ways
-    train_lm           the LLaMA training pipeline's loop, for any model
-    full_run           Mamba against the LLaMA of the same size
+    RACE, full_run     Mamba against the LLaMA of the same size, both
+                       trained by the linear attention chapter's train_lm
 """
 
 from __future__ import annotations
@@ -38,17 +38,17 @@ from cave.fundamentals.checkpoints import override_configs
 from cave.fundamentals.data import Batches, shakespeare_split
 from cave.fundamentals.essentials import (cross_entropy, eval_mode,
                                           pick_device, seed_everything)
+from cave.frontiers.linear_attention import train_lm
 from cave.transformers.llama import (Llama, LlamaConfig, RMSNorm,
                                      at_least_float32, sample_next)
 from cave.transformers.llama import generate as llama_generate
-from cave.transformers.llama_training import (TrainConfig, evaluate, lr_at,
-                                              make_optimizer)
+from cave.transformers.llama_training import TrainConfig
 
 __all__ = [
     "discretize_zoh", "ssm_recurrent", "ssm_kernel", "causal_conv",
     "scan_sequential", "scan_parallel", "selective_scan", "MambaConfig",
     "MambaState", "MambaMixer", "MambaBlock", "Mamba", "generate",
-    "export_hf", "import_hf", "train_lm", "RACE", "full_run",
+    "export_hf", "import_hf", "RACE", "full_run",
 ]
 
 
@@ -460,60 +460,7 @@ def import_hf(state: dict[str, Tensor], hf_config: dict) -> Mamba:
     return model
 
 
-# § Mamba against LLaMA (docs/frontiers/mamba.md:906)
-def train_lm(model: nn.Module, config: TrainConfig, data=None,
-             aux_loss=None, on_log=None) -> dict:
-    """Train a language model with the LLaMA pipeline; return its history.
-
-    data: (tokenizer, train_ids, val_ids), by default Tiny Shakespeare's
-    split. aux_loss(model) -> Tensor, if given, is added to each
-    micro-batch's loss (after its forward). on_log(step, model) is called
-    at every log step. The model trains on config.device.
-    """
-    device = pick_device(config.device)
-    _, train_ids, val_ids = data or shakespeare_split()
-    model.to(device)
-    optimizer = make_optimizer(model, config)
-    batches = Batches(train_ids, config.batch_size, config.block_size,
-                      seed=config.seed)
-    history = {"train": [], "val": []}
-    start, tokens = time.perf_counter(), 0
-    model.train()
-    for step in range(1, config.max_steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, config)
-        total = 0.0
-        for _ in range(config.grad_accum):
-            x, y = (t.to(device) for t in batches.next())  # (B, T) each
-            with torch.autocast(device.type, torch.bfloat16,
-                                enabled=config.bf16):
-                _, loss = model(x, targets=y)
-                full = loss if aux_loss is None else loss + aux_loss(model)
-            (full / config.grad_accum).backward()
-            total += loss.item() / config.grad_accum
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += config.tokens_per_step
-        final = step == config.max_steps
-        if step % config.log_interval == 0 or final:
-            seconds = time.perf_counter() - start
-            history["train"].append({"step": step, "loss": total,
-                                     "seconds": seconds, "tokens": tokens})
-            if on_log is not None:
-                on_log(step, model)
-        if step % config.eval_interval == 0 or final:
-            val = evaluate(model, val_ids, config.block_size,
-                           None if final else config.eval_windows,
-                           bf16=config.bf16)
-            history["val"].append({"step": step, "val_loss": val})
-    seconds = time.perf_counter() - start
-    return {"val_loss": history["val"][-1]["val_loss"], "seconds": seconds,
-            "tokens": tokens, "history": history,
-            "parameters": sum(p.numel() for p in model.parameters())}
-
-
+# § Mamba against LLaMA (docs/frontiers/mamba.md:910)
 RACE = {  # the two models: about the same number of weights
     "llama": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=4,
                   max_seq_len=512),

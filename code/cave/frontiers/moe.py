@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from cave.fundamentals.checkpoints import override_configs
 from cave.fundamentals.data import shakespeare_split
 from cave.fundamentals.essentials import seed_everything, softmax
-from cave.frontiers.mamba import train_lm
+from cave.frontiers.linear_attention import train_lm
 from cave.transformers.llama import Llama, LlamaConfig, at_least_float32
 from cave.transformers.llama_training import TrainConfig
 
