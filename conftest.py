@@ -17,8 +17,8 @@ through public hooks only:
   started is kept for tests/test_structure.py to report;
 * no `.py` file is imported to look for docstring fences;
 * under pytest-xdist (two workers; a page's fences and a test file's tests
-  kept together on one, by `--dist loadgroup`), each worker computes on
-  one thread.
+  kept together on one, by `--dist loadgroup` and the group written into
+  their nodeids here), each worker computes on one thread.
 """
 
 import os
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _pytest.nodeid import NodeId  # see _keep_on_one_worker
 
 from cave import book
 
@@ -131,13 +132,22 @@ def pytest_collect_file(file_path, parent):
     return collectors
 
 
-def pytest_collection_modifyitems(items):
+def _keep_on_one_worker(item, group: str) -> None:
+    """pytest-xdist's `--dist loadgroup` sends the tests whose nodeids end
+    in the same "@group" to one worker. xdist 3.8 writes that suffix into
+    `item._nodeid`, which pytest 9 no longer reads (it keeps the nodeid in
+    `item._id`), so the `xdist_group` marker does nothing there: each
+    page's fences went to both workers, and each worker ran again the
+    fences above the ones it was given. The suffix is written here."""
+    item._id = NodeId.parse(f"{item.nodeid}@{group}")
+
+
+def pytest_collection_modifyitems(config, items):
+    grouping = getattr(config.option, "loadgroup", False)  # an xdist worker
     for item in items:
         if hasattr(item, "test_definition") and item.path.suffix == ".md":
             item.runtest = types.MethodType(_run_markdown_fence, item)
-        # pytest-xdist (`--dist loadgroup`): a page's fences, in order, and
-        # a test file's tests stay on one worker; tests marked
-        # `spread` go wherever a worker is free
-        if item.get_closest_marker("spread") is None:
-            item.add_marker(pytest.mark.xdist_group(str(item.path)))
-
+        # a page's fences, in order, and a test file's tests stay on one
+        # worker; tests marked `spread` go wherever a worker is free
+        if grouping and item.get_closest_marker("spread") is None:
+            _keep_on_one_worker(item, item.nodeid.split("::")[0])

@@ -1,6 +1,7 @@
 """The machinery: reading fences, flattening containers, tangling, running."""
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -652,3 +653,14 @@ def test_a_name_a_block_binds_before_reading_it_is_the_blocks_own(
     assert "costly" not in last and "x * 2" not in last
     assert "total = 0" in last  # read before the loop binds it
     exec(compile(last, "copy", "exec"), {"__name__": "__main__"})
+
+
+def test_a_test_file_keeps_to_one_worker(request):
+    """Under pytest-xdist (the README's command) this file's tests, like a
+    page's fences, carry their group in their nodeid: that, and nothing
+    else, keeps them on one worker (conftest.py, _keep_on_one_worker). A
+    page split over two workers runs its fences twice."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("checks the grouping of pytest-xdist's workers")
+    assert request.node.nodeid.endswith("@tests/test_book.py"), \
+        request.node.nodeid
