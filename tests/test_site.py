@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import json
 import os
 import re
 import subprocess
@@ -105,9 +106,13 @@ def test_downloaded_notebooks_carry_their_outputs(site):
         assert figures == sum(len(o.figures) for o in book.execute(page))
 
 
-def test_a_generated_notebook_runs_end_to_end():
+def test_a_generated_notebook_runs_end_to_end(monkeypatch):
     import nbformat
     from nbclient import NotebookClient
+
+    # the kernel computes on one thread, as the suite's workers do: beside
+    # a busy second worker, two threads of tiny tensors mostly wait
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     path = book.DOCS / "techniques" / "optimization.md"  # a quick one
     nb = nbformat.reads(book.notebook(path), as_version=4)
@@ -159,7 +164,15 @@ def test_every_page_in_a_real_browser(site, served, browser):
     each is checked once its "load" event fired: the page and everything
     it asked for while loading. (The idle wait of "networkidle", 500 ms a
     page, would cost half a minute at 40 pages; what a page could fetch
-    later is checked statically above.)"""
+    later is checked statically above.) Every page's search worker would
+    fetch and index the whole site's search index again (1.5 MB, a third
+    of this test's time); here it gets an empty one, and the search test
+    below uses the real one."""
+    index = json.loads((site / "search" / "search_index.json").read_text())
+    empty = json.dumps({"config": index["config"], "docs": []})
+    context = browser.new_context()
+    context.route("**/search/search_index.json", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=empty))
     urls = []
     for page_file in pages(site):
         rel = page_file.parent.relative_to(site).as_posix()
@@ -168,7 +181,7 @@ def test_every_page_in_a_real_browser(site, served, browser):
     for start in range(0, len(urls), 4):
         opened = []
         for rel, url in urls[start:start + 4]:
-            page = browser.new_page()
+            page = context.new_page()
             errors, outside = [], []
             page.on("console", lambda m, e=errors: m.type == "error" and
                     e.append(m.text))
@@ -194,6 +207,7 @@ def test_every_page_in_a_real_browser(site, served, browser):
                     f"{url}: code without copy buttons"
             checked.append(rel)
             page.close()
+    context.close()
     assert {f"{c.part}/{c.stem}" for c in book.chapters()} <= set(checked)
 
 
