@@ -611,6 +611,7 @@ def test_what_a_statement_may_change(tmp_path):
         with open(runs / "log", "w") as f:
             f.write("x")
         model.weight[0] = 1
+        logits = model(task.images / 255)
         ```
         '''))
     acts = {st.source.split("\n")[0]: set(st.acts)
@@ -624,6 +625,7 @@ def test_what_a_statement_may_change(tmp_path):
     assert acts["for row in task.rows:"] == set()
     assert acts['with open(runs / "log", "w") as f:'] == {"runs"}
     assert acts["model.weight[0] = 1"] == {"model"}
+    assert acts["logits = model(task.images / 255)"] == set()  # arithmetic
 
 
 def test_a_name_a_block_binds_before_reading_it_is_the_blocks_own(

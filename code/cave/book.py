@@ -1013,9 +1013,10 @@ def _acted(node: ast.stmt, created: set[str]) -> set[str]:
       object the page created (`created`): `opt.step()`, `ax.plot(y)`,
       `log.append(x)` change that object and what they are handed whole.
     - A function (or a module's function, not a builtin that only reads):
-      its first argument, and where a path built in the call points
-      (`train(model, task, config)` trains model; `save(model, runs / "b")`
-      writes under runs). A method whose result is used is a question,
+      its first argument unless arithmetic made it, and where a path built
+      in the call points (`train(model, task, config)` trains model;
+      `save(model, runs / "b")` writes under runs; `net(x / 255)` changes
+      no x). A method whose result is used is a question,
       not a change: `acc = task.exact_match(...)`.
     - A block (a loop, a `with`, an `if`, a `try`): what its statements
       change, and what its loop variable or `as` name was drawn from if
@@ -1079,12 +1080,24 @@ def _acted(node: ast.stmt, created: set[str]) -> set[str]:
         if name in _BUILTINS and name not in _CHANGING_BUILTINS:
             continue  # len, round, zip, sorted... only read
         for n, arg in enumerate(args):  # a function: its first argument,
-            if n == 0 or isinstance(arg, (ast.BinOp, ast.JoinedStr)):
+            if _is_path(arg) or (n == 0 and not isinstance(arg, ast.BinOp)):
                 changed |= _free_names(arg)  # and where a path points
+                # (arithmetic, `model(x / 255)`, hands over a new value)
     return changed
 
 
 _CHANGING_BUILTINS = {"next", "setattr", "delattr", "exec", "open"}
+
+
+def _is_path(expr: ast.AST) -> bool:
+    """An argument that may name a file: an f-string, or a `/` whose right
+    side is not a number (`runs / "b"`, `folder / name`; `x / 255` is
+    arithmetic)."""
+    if isinstance(expr, ast.JoinedStr):
+        return True
+    return isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Div) \
+        and not (isinstance(expr.right, ast.Constant) and
+                 isinstance(expr.right.value, (int, float)))
 
 
 def _statements(path: Path) -> list[_Statement]:
