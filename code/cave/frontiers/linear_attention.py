@@ -139,6 +139,17 @@ def _check_features(fq: Tensor, fk: Tensor, v: Tensor) -> None:
                          f"{tuple(v.shape)}")
 
 
+def _state_or_zeros(fk: Tensor, v: Tensor,
+                    state: tuple[Tensor, Tensor] | None
+                    ) -> tuple[Tensor, Tensor]:
+    """The (S, z) to start from: the one given, or the empty sums."""
+    if state is not None:
+        return state
+    D, dv = fk.shape[-1], v.shape[-1]
+    return (fk.new_zeros(*fk.shape[:-2], D, dv),  # S (..., D, dv)
+            fk.new_zeros(*fk.shape[:-2], D))  # z (..., D)
+
+
 def linear_attention(fq: Tensor, fk: Tensor, v: Tensor, eps: float = 1e-6
                      ) -> Tensor:
     """Non-causal: phi(Q) (phi(K)^T V) / phi(Q) (phi(K)^T 1).
@@ -190,12 +201,7 @@ def causal_recurrent(fq: Tensor, fk: Tensor, v: Tensor, eps: float = 1e-6,
     keep_states the list of every (S, z) after each token as well.
     """
     _check_features(fq, fk, v)
-    D, dv = fk.shape[-1], v.shape[-1]
-    if state is None:
-        S = fk.new_zeros(*fk.shape[:-2], D, dv)  # (..., D, dv)
-        z = fk.new_zeros(*fk.shape[:-2], D)  # (..., D)
-    else:
-        S, z = state
+    S, z = _state_or_zeros(fk, v, state)  # (..., D, dv), (..., D)
     outs, kept = [], []
     for t in range(fq.shape[-2]):
         S = S + fk[..., t, :, None] * v[..., t, None, :]  # (..., D, dv)
@@ -219,12 +225,7 @@ def causal_chunked(fq: Tensor, fk: Tensor, v: Tensor, chunk: int = 64,
     _check_features(fq, fk, v)
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
-    D, dv = fk.shape[-1], v.shape[-1]
-    if state is None:
-        S = fk.new_zeros(*fk.shape[:-2], D, dv)  # (..., D, dv)
-        z = fk.new_zeros(*fk.shape[:-2], D)  # (..., D)
-    else:
-        S, z = state
+    S, z = _state_or_zeros(fk, v, state)  # (..., D, dv), (..., D)
     outs = []
     for start in range(0, fq.shape[-2], chunk):
         q_c = fq[..., start:start + chunk, :]  # (..., c, D)
@@ -241,7 +242,7 @@ def causal_chunked(fq: Tensor, fk: Tensor, v: Tensor, chunk: int = 64,
     return torch.cat(outs, dim=-2), (S, z)
 
 
-# § A linear LLaMA (docs/frontiers/linear_attention.md:504)
+# § A linear LLaMA (docs/frontiers/linear_attention.md:505)
 FEATURES = {"elu": elu_features, "relu": relu_features}
 
 
@@ -314,7 +315,7 @@ class LinearLlama(Llama):
         return LinearCache(self.config.n_layers, batch_size)
 
 
-# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:694)
+# § A linear LLaMA on Tiny Shakespeare (docs/frontiers/linear_attention.md:695)
 def train_lm(model: nn.Module, config: TrainConfig, data=None,
              aux_loss=None, on_log=None, print_every: int = 0) -> dict:
     """Train a language model with the LLaMA chapter's recipe; return its
