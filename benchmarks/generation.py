@@ -13,8 +13,11 @@ KV cache on:
     fast f16    the same on the bfloat16 weights held in float16 (exact
                 but for the few below float16's normal range), whose
                 kernels some CPUs run faster; bfloat16 rows only
-    speculative cave.frontiers.fast_generation.speculative_generate with the
+    spec quick  cave.frontiers.fast_generation.speculative_generate with the
                 quick preset's model (float32) as the draft
+    spec n-gram the same with the Shakespeare training split's n-gram
+                counts as the draft (shakespeare_draft); "f16" again the
+                float16 kernels on the bfloat16 weights
     HF          transformers' LlamaForCausalLM.generate
 
 The shipped weights are bfloat16 numbers, so every column computes with
@@ -80,7 +83,8 @@ def main(argv=None) -> int:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     model, _, _ = LT.load_model(LT.SHIPPED)
-    draft, _, _ = LT.load_model(FG.DRAFT)
+    draft, tokenizer, _ = LT.load_model(FG.DRAFT)
+    counts = FG.shakespeare_draft(tokenizer)
     prompt = torch.zeros(1, 1, dtype=torch.long)  # "\n", as cave sample
     rows = [(n, dt) for n in args.tokens
             for dt in (torch.float32, torch.bfloat16)]
@@ -108,6 +112,13 @@ def main(argv=None) -> int:
                     f16, prompt, n, top_k=50, generator=gen())))
             keep((n, dt, "spec"), timed(lambda: FG.speculative_generate(
                 fast, small, prompt, n, top_k=50, generator=gen())))
+            keep((n, dt, "ngram"), timed(lambda: FG.speculative_generate(
+                fast, counts, prompt, n, top_k=50, generator=gen())))
+            if dt == torch.bfloat16:
+                keep((n, dt, "ngram16"), timed(
+                    lambda: FG.speculative_generate(
+                        f16, counts, prompt, n, top_k=50,
+                        generator=gen())))
             torch.manual_seed(r)
             keep((n, dt, "hf"), timed(lambda: hf.generate(
                 prompt, attention_mask=torch.ones_like(prompt),
@@ -116,31 +127,35 @@ def main(argv=None) -> int:
     print(f"batch 1, top-k 50, torch threads {args.threads}, best of "
           f"{args.rounds} interleaved rounds; tokens per second of "
           f"{args.clock} time")
+    columns = ("book", "fast", "f16", "spec", "ngram", "ngram16", "hf")
     print("| tokens | dtype | book `generate` | fast | fast f16 "
-          "| speculative | HF `generate` | best book / HF |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| spec quick | spec n-gram | spec n-gram f16 | HF `generate` "
+          "| best book / HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n, dt in rows:
-        rate = {k: n / best[(n, dt, k)] for k in ("book", "fast", "f16",
-                                                  "spec", "hf")
+        rate = {k: n / best[(n, dt, k)] for k in columns
                 if (n, dt, k) in best}
-        cell = {k: f"{rate[k]:.0f}" if k in rate else "-" for k in
-                ("book", "fast", "f16", "spec", "hf")}
+        cell = " | ".join(f"{rate[k]:.0f}" if k in rate else "-"
+                          for k in columns)
         top = max(v for k, v in rate.items() if k != "hf")
-        print(f"| {n} | {str(dt).removeprefix('torch.')} | {cell['book']} "
-              f"| {cell['fast']} | {cell['f16']} | {cell['spec']} | "
-              f"{cell['hf']} | {top / rate['hf']:.2f} |")
+        print(f"| {n} | {str(dt).removeprefix('torch.')} | {cell} | "
+              f"{top / rate['hf']:.2f} |")
     cave = str(Path(sys.executable).with_name("cave"))
-    for extra in ([], ["--dtype", "float16"]):
+    for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "float16"],
+                  ["--draft", "none"]):
         command = [cave, "sample", *extra, "--time"]
-        walls, said = [], []
+        walls, said, built = [], [], []
         for _ in range(args.rounds):
             t0 = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True)
             walls.append(time.perf_counter() - t0)
-            said.append(float(done.stderr.split(" in ")[-1].split()[0]))
+            said.append(float(done.stderr.split("tokens in ")[1].split()[0]))
+            built.append(float(done.stderr.split("draft took ")[1].split()[0])
+                         if "draft took " in done.stderr else 0.0)
         print(f"`{' '.join(['cave', 'sample', *extra])}` (500 tokens), best "
               f"of {args.rounds}: {min(walls):.2f} s wall in all, "
-              f"{min(said):.2f} s of it generating")
+              f"{min(said):.2f} s of it generating, {min(built):.2f} s "
+              f"building the n-gram draft")
     print("load (uptime):", subprocess.run(["uptime"], capture_output=True,
                                            text=True).stdout.strip())
     return 0

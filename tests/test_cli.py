@@ -201,7 +201,8 @@ def test_train_then_sample_then_resume(tmp_path, capsys):
     assert len(stdout.strip().splitlines()) == 1
     code, first, _ = run_main(capsys, "sample", "--checkpoint", out,
                               "--prompt", "KING:", "--tokens", "30",
-                              "--top-k", "10", "--seed", "3")
+                              "--top-k", "10", "--seed", "3",
+                              "--draft", "none")
     assert code == 0 and first.startswith("KING:")
     _, again, _ = run_main(capsys, "sample", "--checkpoint", out,
                            "--prompt", "KING:", "--tokens", "30",

@@ -13,6 +13,9 @@ and a threshold at the 0.1 % tail. No test times anything.
 """
 
 import json
+import math
+import random
+from collections import Counter
 
 import pytest
 import torch
@@ -272,6 +275,95 @@ def test_accept_drafts_keeps_everything_when_draft_and_target_agree():
 
 
 # --------------------------------------------------------------------------
+# the n-gram draft
+# --------------------------------------------------------------------------
+
+
+def counted_by_hand(text, context, order, min_count):
+    """The next-token counts NGramDraft should use, with collections."""
+    for n in range(min(order, len(context) + 1), 0, -1):
+        ctx = tuple(context[len(context) - n + 1:])
+        seen = Counter(text[i + n - 1] for i in range(len(text) - n + 1)
+                       if tuple(text[i:i + n - 1]) == ctx)
+        if n == 1 or sum(seen.values()) >= min_count:
+            return seen
+
+
+@pytest.mark.parametrize("V, order, min_count", [(5, 1, 1), (5, 3, 1),
+                                                 (4, 4, 2), (7, 3, 5)])
+def test_ngram_counts_equal_counting_by_hand(V, order, min_count):
+    rng = random.Random(V * 100 + order * 10 + min_count)
+    text = [rng.randrange(V) for _ in range(300)]
+    draft = FG.NGramDraft(torch.tensor(text), FG.NGramConfig(V, order,
+                                                             min_count))
+    for _ in range(40):
+        context = [rng.randrange(V) for _ in range(rng.randrange(1, 7))]
+        want = torch.full((V,), float("-inf"))
+        for token, k in counted_by_hand(text, context, order,
+                                        min_count).items():
+            want[token] = math.log(k)
+        got = draft.next_logits(context)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    state = draft.new_cache()  # called like a decoder: every position
+    ids = torch.tensor([text[:5]])
+    logits = draft(ids, state)  # (1, 5, V)
+    assert logits.shape == (1, 5, V) and state.length == 5
+    for i in range(5):
+        assert torch.equal(logits[0, i], draft.next_logits(text[:i + 1]))
+    state.rollback(2)
+    assert state.tokens == text[:2]
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 4])
+def test_greedy_speculative_with_counts_is_the_targets_greedy_output(
+        draft_tokens):
+    target = model(*CONFIGS[0], seed=1)
+    prompt = ids(1, 3, 23, seed=10)
+    want = FG.fast_generate(target, prompt, 40, temperature=0)
+    # counts of the target's own text (accepting often) and of noise
+    for text in (want[0, 3:], ids(1, 200, 23, seed=11)[0]):
+        draft = FG.NGramDraft(text, FG.NGramConfig(23, 3, 1))
+        got, stats = FG.speculative_generate(target, draft, prompt, 40,
+                                             draft_tokens, temperature=0)
+        assert torch.equal(got, want)  # 43 tokens: past the window of 8
+        assert stats["rounds"] + stats["accepted"] == 40
+
+
+def test_speculative_with_counts_samples_the_targets_distribution():
+    V, runs, temperature = 3, 600, 0.9
+    target = model(V, 16, 1, 2, 1, 8, seed=3)
+    draft = FG.NGramDraft(ids(1, 40, V, seed=5)[0], FG.NGramConfig(V, 2, 1))
+    fast_target = FG.FastDecoder(target)
+    prompt = torch.tensor([[0, 1]])
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(V, V)
+    for _ in range(runs):
+        out, _ = FG.speculative_generate(fast_target, draft, prompt, 2, 2,
+                                         temperature=temperature,
+                                         generator=gen)
+        counts[out[0, 2], out[0, 3]] += 1
+    with torch.no_grad():
+        first = FG.sampling_probs(target(prompt)[0][0, -1], temperature)
+        pairs = torch.cat([prompt.expand(V, 2), torch.arange(V)[:, None]],
+                          1)  # (V, 3)
+        second = FG.sampling_probs(target(pairs)[0][:, -1], temperature)
+    expected = runs * first[:, None] * second  # (V, V), no zero cell
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 26.1, (chi2, counts, expected)  # 0.1 % tail, 8 d.o.f.
+
+
+def test_the_shakespeare_draft_counts_the_training_split_only():
+    from cave.fundamentals.data import shakespeare_split
+    from cave.transformers.llama_training import SHIPPED, load_model
+
+    _, tokenizer, _ = load_model(SHIPPED)
+    chars, train, _ = shakespeare_split()
+    draft = FG.shakespeare_draft(tokenizer, order=3)
+    assert int(draft.counts[0].sum()) == len(train)  # every character once
+    assert int(draft.counts[2].sum()) == len(train) - 2
+
+
+# --------------------------------------------------------------------------
 # errors and the command line
 # --------------------------------------------------------------------------
 
@@ -303,20 +395,51 @@ def test_errors_name_what_was_expected():
     with pytest.raises(ValueError, match=r"recomputes a Llama's forward, "
                                          r"got a FastDecoder"):
         FG.fast_generate(decoder, ids(1, 2, 23), 2, use_cache=False)
+    with pytest.raises(ValueError, match=r"vocab_size, order and min_count "
+                                         r">= 1, got 5, 0 and 1"):
+        FG.NGramConfig(5, 0, 1)
+    with pytest.raises(ValueError, match=r"does not fit one int64 key"):
+        FG.NGramConfig(65, 12)
+    with pytest.raises(ValueError, match=r"shape \(N,\), N >= order 3, "
+                                         r"dtype torch.int64, got \(1, 4\)"):
+        FG.NGramDraft(ids(1, 4, 5), FG.NGramConfig(5, 3))
+    with pytest.raises(ValueError, match=r"token ids in 0..4, got 0..8"):
+        FG.NGramDraft(torch.arange(9), FG.NGramConfig(5, 3))
+    counts = FG.NGramDraft(torch.arange(5), FG.NGramConfig(5, 2))
+    with pytest.raises(ValueError, match=r"one prompt, got batch_size 2"):
+        counts.new_cache(2)
+    state = counts.new_cache()
+    counts(torch.tensor([[1, 2]]), state)
+    with pytest.raises(ValueError, match=r"length in 0..2, got 3"):
+        state.rollback(3)
+    with pytest.raises(ValueError, match=r"vocabulary must be the target's "
+                                         r"23 tokens, got 5"):
+        FG.speculative_generate(m, counts, ids(1, 3, 23), 2)
+    other = type("Tokenizer", (), {"chars": "abc"})()
+    with pytest.raises(ValueError, match=r"counts Shakespeare's 65 "
+                                         r"characters; the model reads 3"):
+        FG.shakespeare_draft(other)
 
 
-def test_cave_sample_generates_with_the_fast_path(capsys):
+def test_cave_sample_drafts_with_counts_then_without(capsys):
     from cave.transformers.llama_training import SHIPPED, load_model
 
     assert cli.main(["sample", "--tokens", "30", "--seed", "4",
                      "--top-k", "5", "--time"]) == 0
     out = capsys.readouterr()
     assert "generated 30 tokens in" in out.err
+    assert "building the n-gram draft took" in out.err
     model, tokenizer, _ = load_model(SHIPPED)
-    want = FG.fast_generate(model, tokenizer.encode("\n")[None], 30,
-                            temperature=0.8, top_k=5,
-                            generator=torch.Generator().manual_seed(4))
+    prompt = tokenizer.encode("\n")[None]
+    want, _ = FG.speculative_generate(
+        FG.FastDecoder(model), FG.shakespeare_draft(tokenizer), prompt, 30,
+        temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(4))
     assert out.out == tokenizer.decode(want[0]) + "\n"
+    assert cli.main(["sample", "--tokens", "30", "--seed", "4",
+                     "--top-k", "5", "--draft", "none"]) == 0
+    want = FG.fast_generate(model, prompt, 30, temperature=0.8, top_k=5,
+                            generator=torch.Generator().manual_seed(4))
+    assert capsys.readouterr().out == tokenizer.decode(want[0]) + "\n"
 
 
 def test_the_shipped_draft_shares_the_shipped_models_characters():
@@ -332,7 +455,7 @@ def test_cave_sample_in_float16_and_what_it_refuses(capsys):
     from cave.transformers.llama_training import SHIPPED, load_model
 
     assert cli.main(["sample", "--tokens", "20", "--seed", "1",
-                     "--dtype", "float16"]) == 0
+                     "--dtype", "float16", "--draft", "none"]) == 0
     model, tokenizer, _ = load_model(SHIPPED)
     want = FG.fast_generate(FG.FastDecoder(model, torch.float16),
                             tokenizer.encode("\n")[None], 20,

@@ -171,7 +171,13 @@ def build_parser() -> Parser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-cache", action="store_true",
                    help="recompute the whole window at every token (slow; "
-                        "the same text)")
+                        "the same text as --draft none)")
+    s.add_argument("--draft", choices=("ngram", "none"), default="ngram",
+                   help="ngram: speculative decoding drafted by the "
+                        "Shakespeare training text's n-gram counts, when "
+                        "the model reads its characters (text from the "
+                        "same distribution, faster); none: one token at a "
+                        "time")
     s.add_argument("--device", default="cpu")
     s.add_argument("--time", action="store_true",
                    help="print the seconds spent generating on stderr")
@@ -280,7 +286,9 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from cave.frontiers.fast_generation import FastDecoder, fast_generate
+    from cave.frontiers.fast_generation import (FastDecoder, fast_generate,
+                                                shakespeare_draft,
+                                                speculative_generate)
     from cave.transformers import llama_training as L
 
     if args.tokens < 0:
@@ -292,19 +300,32 @@ def cmd_sample(args) -> int:
     model, tokenizer, _ = L.load_model(args.checkpoint or L.SHIPPED, device)
     prompt = tokenizer.encode(args.prompt or "\n")[None]  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.no_cache and args.dtype != "float32":
+        raise UsageError("--no-cache runs the float32 model; drop --dtype")
+    draft, built = None, time.perf_counter()
+    if args.draft == "ngram" and not args.no_cache:
+        try:
+            draft = shakespeare_draft(tokenizer)
+        except ValueError:  # another alphabet: no counts to draft from
+            draft = None
+    built = time.perf_counter() - built
     start = time.perf_counter()
     if not args.no_cache:
         model = FastDecoder(model, getattr(torch, args.dtype))
-    elif args.dtype != "float32":
-        raise UsageError("--no-cache runs the float32 model; drop --dtype")
-    out = fast_generate(model, prompt.to(device), args.tokens,
-                        temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, generator=generator,
-                        use_cache=not args.no_cache)  # (1, T + tokens)
-    seconds = time.perf_counter() - start
+    sampling = dict(temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, generator=generator)
+    if draft is not None:
+        out, _ = speculative_generate(model, draft, prompt.to(device),
+                                      args.tokens, **sampling)
+    else:
+        out = fast_generate(model, prompt.to(device), args.tokens,
+                            use_cache=not args.no_cache, **sampling)
+    seconds = time.perf_counter() - start  # out: (1, T + tokens)
     print(tokenizer.decode(out[0]))
     if args.time:
-        print(f"generated {args.tokens} tokens in {seconds:.2f} s",
+        drafted = (f"; building the n-gram draft took {built:.2f} s"
+                   if draft is not None else "")
+        print(f"generated {args.tokens} tokens in {seconds:.2f} s{drafted}",
               file=sys.stderr)
     return 0
 

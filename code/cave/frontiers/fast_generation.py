@@ -2,7 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
-# § Fast generation (docs/frontiers/fast_generation.md:33)
+# § Fast generation (docs/frontiers/fast_generation.md:35)
 """Fast generation: a rolling KV cache, a decoder without per-token
 overhead, batched and beam generation, speculative decoding.
 
@@ -16,6 +16,8 @@ The chapter docs/frontiers/fast_generation.md builds, in order:
     beam_search_batch   beam search over a batch of prompts (= beam_search)
     sampling_probs, accept_drafts, speculative_generate
                         speculative decoding: the target's exact output
+    NGramConfig, NGramDraft, shakespeare_draft
+                        a draft that is a count table of the training text
     time_generation, full_run, DRAFT
                         what each change buys, measured on the shipped model
 
@@ -26,13 +28,16 @@ benchmarks/generation.py times them against it on the same weights.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cave.fundamentals.data import RESULTS_DIR
+from cave.fundamentals.data import RESULTS_DIR, shakespeare_split
 from cave.fundamentals.essentials import log_softmax, softmax
 from cave.transformers.llama import (Llama, apply_rope, at_least_float32,
                                      generate, rope_angles, sample_next,
@@ -41,7 +46,8 @@ from cave.transformers.llama import (Llama, apply_rope, at_least_float32,
 __all__ = [
     "window_forward", "RollingKVCache", "FastDecoder", "fast_generate",
     "beam_search_batch", "sampling_probs", "accept_drafts",
-    "speculative_generate", "time_generation", "full_run", "DRAFT",
+    "speculative_generate", "NGramConfig", "NGramState", "NGramDraft",
+    "shakespeare_draft", "time_generation", "full_run", "DRAFT",
 ]
 
 # The draft model for speculative decoding: the quick preset of the LLaMA
@@ -50,7 +56,7 @@ __all__ = [
 DRAFT = RESULTS_DIR / "llama_quick"
 
 
-# § A rolling cache: past the window at constant cost (docs/frontiers/fast_generation.md:126)
+# § A rolling cache: past the window at constant cost (docs/frontiers/fast_generation.md:134)
 @torch.no_grad()
 def window_forward(model: Llama, idx: Tensor, window: int | None = None
                    ) -> Tensor:
@@ -175,7 +181,7 @@ class RollingKVCache:
         self.v = [v[index] for v in self.v]
 
 
-# § A decoder without overhead (docs/frontiers/fast_generation.md:305)
+# § A decoder without overhead (docs/frontiers/fast_generation.md:313)
 class FastDecoder:
     """A Llama's weights laid out for generation; call it on new tokens.
 
@@ -305,8 +311,10 @@ class FastDecoder:
         return lin(self.rms(x, self.norm), self.out)  # (B, T, V)
 
 
-def as_decoder(model: Llama | FastDecoder) -> FastDecoder:
-    return model if isinstance(model, FastDecoder) else FastDecoder(model)
+def as_decoder(model):
+    """A Llama laid out as a FastDecoder; anything already called like
+    one (a FastDecoder, the count-table draft at the chapter's end) as is."""
+    return FastDecoder(model) if isinstance(model, Llama) else model
 
 
 @torch.no_grad()
@@ -363,7 +371,7 @@ def time_generation(fn, tokens: int, clock=time.perf_counter) -> float:
     return tokens / (clock() - start)
 
 
-# § Many prompts at once (docs/frontiers/fast_generation.md:578)
+# § Many prompts at once (docs/frontiers/fast_generation.md:588)
 @torch.no_grad()
 def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
                       max_new_tokens: int, beam_width: int = 4,
@@ -425,7 +433,7 @@ def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
     return results
 
 
-# § Speculative decoding (docs/frontiers/fast_generation.md:700)
+# § Speculative decoding (docs/frontiers/fast_generation.md:710)
 def sampling_probs(logits: Tensor, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None
                    ) -> Tensor:
@@ -474,7 +482,7 @@ def accept_drafts(p: Tensor, q: Tensor, drafts: Tensor,
 
 @torch.no_grad()
 def speculative_generate(target: Llama | FastDecoder,
-                         draft: Llama | FastDecoder, idx: Tensor,
+                         draft, idx: Tensor,
                          max_new_tokens: int, draft_tokens: int = 4,
                          temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None,
@@ -482,7 +490,8 @@ def speculative_generate(target: Llama | FastDecoder,
                          ) -> tuple[Tensor, dict]:
     """idx (1, T) -> ((1, T + max_new_tokens), {"rounds", "accepted"}):
     the target's own distribution (greedy: its own output), drafted
-    draft_tokens at a time by the draft model."""
+    draft_tokens at a time by the draft: a Llama, a FastDecoder, or
+    anything called like one (NGramDraft below)."""
     if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] < 1:
         raise ValueError(f"speculative_generate takes one prompt of shape "
                          f"(1, T), got {tuple(idx.shape)}")
@@ -529,21 +538,137 @@ def speculative_generate(target: Llama | FastDecoder,
     return torch.tensor([tokens], device=device), stats
 
 
-# § The full run (docs/frontiers/fast_generation.md:874)
+# § A draft that costs nothing: the training text's n-grams (docs/frontiers/fast_generation.md:905)
+@dataclasses.dataclass
+class NGramConfig:
+    vocab_size: int  # the target's tokens: the draft must share them
+    order: int = 6  # the longest n-gram: a context of order - 1 tokens
+    min_count: int = 3  # back off from a context seen fewer times
+
+    def __post_init__(self):
+        if self.vocab_size < 1 or self.order < 1 or self.min_count < 1:
+            raise ValueError(f"expected vocab_size, order and min_count "
+                             f">= 1, got {self.vocab_size}, {self.order} "
+                             f"and {self.min_count}")
+        if self.vocab_size ** (self.order + 1) >= 2 ** 63:
+            raise ValueError(f"an n-gram of {self.order} tokens of a "
+                             f"{self.vocab_size}-token vocabulary does not "
+                             f"fit one int64 key: lower the order")
+
+    @property
+    def max_seq_len(self) -> int:
+        """The tokens the draft reads: its longest context."""
+        return self.order - 1
+
+
+class NGramState:
+    """The tokens an NGramDraft has been fed: its cache."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def rollback(self, length: int) -> None:
+        """Forget the tokens at positions >= length (rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"rollback to a length in 0..{self.length}, "
+                             f"got {length}")
+        del self.tokens[length:]
+
+
+class NGramDraft:
+    """Next-token counts of a text, called like a FastDecoder:
+    draft(idx (1, T), state) -> logits (1, T, V), the log counts of each
+    token after the longest context seen min_count times (-inf: never)."""
+
+    def __init__(self, ids: Tensor, config: NGramConfig):
+        V = config.vocab_size
+        if ids.dim() != 1 or ids.dtype != torch.long or \
+                len(ids) < config.order:
+            raise ValueError(f"expected the text as token ids of shape (N,)"
+                             f", N >= order {config.order}, dtype "
+                             f"torch.int64, got {tuple(ids.shape)} "
+                             f"{ids.dtype}")
+        if int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"expected token ids in 0..{V - 1}, got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        self.config = config
+        self.keys, self.counts = [], []  # per n: sorted keys, how often
+        for n in range(1, config.order + 1):
+            N = len(ids) - n + 1  # the n-grams of the text
+            key = torch.zeros(N, dtype=torch.long, device=ids.device)
+            for j in range(n):  # base-V digits, the first token highest
+                key = key * V + ids[j:j + N]
+            keys, counts = torch.unique(key, return_counts=True)  # sorted
+            self.keys.append(keys)
+            self.counts.append(counts)
+
+    def new_cache(self, batch_size: int = 1, capacity: int | None = None
+                  ) -> NGramState:
+        """A fresh state (a count table needs no capacity: the argument
+        is there so that a draft is made like a FastDecoder's cache)."""
+        if batch_size != 1:
+            raise ValueError(f"an NGramDraft drafts for one prompt, got "
+                             f"batch_size {batch_size}")
+        return NGramState()
+
+    def next_logits(self, context: list[int]) -> Tensor:
+        """Log counts (V,) of the token after context, backing off."""
+        c, V = self.config, self.config.vocab_size
+        for n in range(min(c.order, len(context) + 1), 0, -1):
+            h = 0  # the last n - 1 tokens as one number
+            for t in context[len(context) - n + 1:]:
+                h = h * V + t
+            keys = self.keys[n - 1]
+            lo, hi = torch.searchsorted(keys, torch.tensor(
+                [h * V, (h + 1) * V], device=keys.device)).tolist()
+            counts = self.counts[n - 1][lo:hi]  # the tokens seen after it
+            if n == 1 or int(counts.sum()) >= c.min_count:
+                break
+        logits = torch.full((V,), -math.inf, device=keys.device)
+        logits[keys[lo:hi] % V] = counts.float().log()
+        return logits
+
+    @torch.no_grad()
+    def __call__(self, idx: Tensor, state: NGramState) -> Tensor:
+        T = idx.shape[1]
+        state.tokens += idx[0].tolist()
+        L = state.length
+        return torch.stack([self.next_logits(state.tokens[:L - T + i + 1])
+                            for i in range(T)])[None].to(idx.device)
+
+
+def shakespeare_draft(tokenizer, order: int = 6, min_count: int = 3
+                      ) -> NGramDraft:
+    """An NGramDraft of the book's Shakespeare training split (never the
+    validation text), for a model that reads the same characters."""
+    chars, train, _ = shakespeare_split()
+    if tokenizer.chars != chars.chars:
+        raise ValueError(f"the n-gram draft counts Shakespeare's "
+                         f"{len(chars.chars)} characters; the model reads "
+                         f"{len(tokenizer.chars)} others")
+    return NGramDraft(train.long(), NGramConfig(len(chars.chars), order,
+                                                min_count))
+
+
+# § The full run (docs/frontiers/fast_generation.md:1087)
 def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
              threads: int = 1, draft_tokens: int = 4, clock: str = "cpu"
              ) -> dict:
     """Tokens per second of each change on the shipped model, batch 1,
     top-k 50, interleaved round by round (the best round kept), of CPU
     time (clock="cpu") or wall time ("wall"); and speculative decoding
-    with the quick preset's model as the draft."""
+    with the quick preset's model, then the n-gram counts, as the draft."""
     if clock not in ("cpu", "wall"):
         raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
     timer = time.process_time if clock == "cpu" else time.perf_counter
     from cave.transformers.llama_training import SHIPPED, load_model
 
     torch.set_num_threads(threads)
-    model, _, _ = load_model(SHIPPED, device or "cpu")
+    model, tokenizer, _ = load_model(SHIPPED, device or "cpu")
     small, _, _ = load_model(DRAFT, device or "cpu")
     prompt = torch.zeros(1, 1, dtype=torch.long, device=model.output.weight
                          .device)  # "\n", as cave sample starts
@@ -569,17 +694,21 @@ def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
                                               .manual_seed(0)))
             for name, kw in steps.items()}
     spec = {}
-    helper = FastDecoder(small)  # the draft is small: float32 everywhere
-    for dtype in (torch.float32, torch.bfloat16):
+    drafts = {"quick draft": FastDecoder(small),  # small: float32 always
+              "n-gram draft": shakespeare_draft(tokenizer)}
+    for (label, helper), dtype in itertools.product(
+            drafts.items(), (torch.float32, torch.bfloat16, torch.float16)):
+        name = f"{label}, {str(dtype).removeprefix('torch.')}"
+        if dtype == torch.float16 and label == "quick draft":
+            continue  # float16: the fast kernels, shown with counts only
         target = FastDecoder(model, dtype)
 
-        def run(n, target=target, dtype=dtype):
-            _, stats = speculative_generate(
+        def run(n, target=target, helper=helper, name=name):
+            _, spec[name] = speculative_generate(
                 target, helper, prompt, n, draft_tokens, top_k=50,
                 generator=torch.Generator().manual_seed(0))
-            spec[str(dtype).removeprefix("torch.")] = stats
 
-        runs[f"speculative, {str(dtype).removeprefix('torch.')}"] = run
+        runs[f"speculative, {name}"] = run
     best = {name: 0.0 for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
