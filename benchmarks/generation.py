@@ -18,11 +18,16 @@ KV cache on:
     spec n-gram the same with the Shakespeare training split's n-gram
                 counts as the draft (shakespeare_draft); "f16" again the
                 float16 kernels on the bfloat16 weights
+    int8        the fast decoder with int8 weights (the compression
+                chapter's per-channel grid) and bfloat16 activations, alone
+                and with the n-gram draft; bfloat16 rows only
     HF          transformers' LlamaForCausalLM.generate
 
-The shipped weights are bfloat16 numbers, so every column computes with
-the same weights; the float32 rows compute in float32, the bfloat16 rows
-(but fast f16) in bfloat16.
+The shipped weights are bfloat16 numbers, so every column but the int8
+ones computes with the same weights; the float32 rows compute in float32,
+the bfloat16 rows (but f16) in bfloat16. "best book / HF" takes the best
+column on the same weights; "int8 / HF" the best int8 column, whose
+weights are rounded.
 
 All of them run in this one process, interleaved round by round, so that a
 busy machine slows them alike; each cell is the best of --rounds. Then it
@@ -93,6 +98,7 @@ def main(argv=None) -> int:
                    FG.FastDecoder(model, dt))
               for dt in (torch.float32, torch.bfloat16)}
     f16 = FG.FastDecoder(model, torch.float16)
+    int8 = FG.FastDecoder(model, torch.bfloat16, int8=True)
     best: dict = {}
 
     def keep(key, seconds):
@@ -119,6 +125,12 @@ def main(argv=None) -> int:
                     lambda: FG.speculative_generate(
                         f16, counts, prompt, n, top_k=50,
                         generator=gen())))
+                keep((n, dt, "int8"), timed(lambda: FG.fast_generate(
+                    int8, prompt, n, top_k=50, generator=gen())))
+                keep((n, dt, "ngram8"), timed(
+                    lambda: FG.speculative_generate(
+                        int8, counts, prompt, n, top_k=50,
+                        generator=gen())))
             torch.manual_seed(r)
             keep((n, dt, "hf"), timed(lambda: hf.generate(
                 prompt, attention_mask=torch.ones_like(prompt),
@@ -127,19 +139,25 @@ def main(argv=None) -> int:
     print(f"batch 1, top-k 50, torch threads {args.threads}, best of "
           f"{args.rounds} interleaved rounds; tokens per second of "
           f"{args.clock} time")
-    columns = ("book", "fast", "f16", "spec", "ngram", "ngram16", "hf")
-    print("| tokens | dtype | book `generate` | fast | fast f16 "
-          "| spec quick | spec n-gram | spec n-gram f16 | HF `generate` "
-          "| best book / HF |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    columns = ("book", "fast", "f16", "int8", "spec", "ngram", "ngram16",
+               "ngram8", "hf")
+    print("| tokens | dtype | book `generate` | fast | fast f16 | fast int8 "
+          "| spec quick | spec n-gram | spec n-gram f16 | spec n-gram int8 "
+          "| HF `generate` | best book / HF | int8 / HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, dt in rows:
         rate = {k: n / best[(n, dt, k)] for k in columns
                 if (n, dt, k) in best}
         cell = " | ".join(f"{rate[k]:.0f}" if k in rate else "-"
                           for k in columns)
-        top = max(v for k, v in rate.items() if k != "hf")
+        top = max(v for k, v in rate.items()
+                  if k not in ("hf", "int8", "ngram8"))
+        int8_top = max((v for k, v in rate.items()
+                        if k in ("int8", "ngram8")), default=None)
+        int8_ratio = "-" if int8_top is None else \
+            f"{int8_top / rate['hf']:.2f}"
         print(f"| {n} | {str(dt).removeprefix('torch.')} | {cell} | "
-              f"{top / rate['hf']:.2f} |")
+              f"{top / rate['hf']:.2f} | {int8_ratio} |")
     cave = str(Path(sys.executable).with_name("cave"))
     for extra in ([], ["--dtype", "bfloat16"], ["--dtype", "float16"],
                   ["--draft", "none"]):

@@ -155,6 +155,27 @@ def test_logits_match_the_model_in_float32_bfloat16_and_float16(dtype, tol):
     torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, F32),
+                                        (torch.bfloat16, BF16)])
+def test_int8_weights_are_the_compression_chapters_int8_model(dtype, tol):
+    from cave.techniques.compression import quantize_llama
+
+    m = model(*CONFIGS[0], dtype=torch.float32)
+    quantised, _ = quantize_llama(m, bits=8, group_size=None)  # per channel
+    x = ids(2, 8, 23, seed=8)
+    decoder = FG.FastDecoder(m, dtype, int8=True)
+    assert decoder.layers[0][2][0].dtype == torch.int8  # one byte a weight
+    cache = decoder.new_cache(2)
+    got = torch.cat([decoder(x[:, :3], cache)]
+                    + [decoder(x[:, i:i + 1], cache) for i in range(3, 8)], 1)
+    with torch.no_grad():
+        want = quantised.to(dtype)(x)[0]
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    unrounded = FG.FastDecoder(m, dtype)
+    plain = unrounded(x, unrounded.new_cache(2))
+    assert not torch.equal(plain, got)  # the rounding is really there
+
+
 # --------------------------------------------------------------------------
 # against transformers
 # --------------------------------------------------------------------------

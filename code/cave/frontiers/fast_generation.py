@@ -39,12 +39,14 @@ from torch import Tensor, nn
 
 from cave.fundamentals.data import RESULTS_DIR, shakespeare_split
 from cave.fundamentals.essentials import log_softmax, softmax
+from cave.techniques.compression import quantize_groups
 from cave.transformers.llama import (Llama, apply_rope, at_least_float32,
                                      generate, rope_angles, sample_next,
                                      top_k_filter, top_p_filter)
 
 __all__ = [
-    "window_forward", "RollingKVCache", "FastDecoder", "fast_generate",
+    "window_forward", "RollingKVCache", "int8_linear", "FastDecoder",
+    "fast_generate",
     "beam_search_batch", "sampling_probs", "accept_drafts",
     "speculative_generate", "NGramConfig", "NGramState", "NGramDraft",
     "shakespeare_draft", "time_generation", "full_run", "DRAFT",
@@ -56,7 +58,7 @@ __all__ = [
 DRAFT = RESULTS_DIR / "llama_quick"
 
 
-# § A rolling cache: past the window at constant cost (docs/frontiers/fast_generation.md:134)
+# § A rolling cache: past the window at constant cost (docs/frontiers/fast_generation.md:136)
 @torch.no_grad()
 def window_forward(model: Llama, idx: Tensor, window: int | None = None
                    ) -> Tensor:
@@ -181,7 +183,15 @@ class RollingKVCache:
         self.v = [v[index] for v in self.v]
 
 
-# § A decoder without overhead (docs/frontiers/fast_generation.md:313)
+# § A decoder without overhead (docs/frontiers/fast_generation.md:323)
+def int8_linear(x: Tensor, weight: tuple[Tensor, Tensor]) -> Tensor:
+    """F.linear with int8 weights: x (..., in), weight (q (out, in) int8,
+    scales (out,) in x's dtype) -> (..., out) = x @ (q * scales[:, None]).T"""
+    q, scales = weight
+    y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scales)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
 class FastDecoder:
     """A Llama's weights laid out for generation; call it on new tokens.
 
@@ -191,13 +201,16 @@ class FastDecoder:
 
     def __init__(self, model: Llama, dtype: torch.dtype | None = None,
                  fused: bool = True, rope_table: bool = True,
-                 transposed: bool | None = None, attention: str = "matmul"):
+                 transposed: bool | None = None, attention: str = "matmul",
+                 int8: bool = False):
         if attention not in ("matmul", "sdpa"):
             raise ValueError(f"attention must be 'matmul' or 'sdpa', got "
                              f"{attention!r}")
         c = self.config = model.config
         dtype = dtype or model.tok_embeddings.weight.dtype
         self.dtype, self.fused, self.rope_table = dtype, fused, rope_table
+        self.int8 = int8
+        self.linear = int8_linear if int8 else F.linear  # the blocks'
         self.transposed = (dtype == torch.float32 if transposed is None
                            else transposed)
         self.attention = attention
@@ -212,6 +225,13 @@ class FastDecoder:
         def vector(w: Tensor) -> Tensor:
             return w.detach().to(dtype).contiguous()
 
+        def block_matrix(*weights: Tensor):  # matrix, or (int8, scales)
+            if not int8:
+                return matrix(*weights)
+            w = torch.cat([w.detach() for w in weights]).float()
+            q, scale, _ = quantize_groups(w, 8, w.shape[1], symmetric=True)
+            return q.to(torch.int8), scale[:, 0].to(dtype)  # (out, in), (out,)
+
         self.embed = vector(model.tok_embeddings.weight)  # (V, C)
         self.norm, self.out = vector(model.norm.weight), \
             matrix(model.output.weight)
@@ -219,15 +239,15 @@ class FastDecoder:
         for block in model.layers:
             a, f = block.attention, block.feed_forward
             if fused:
-                mats = (matrix(a.wq.weight, a.wk.weight, a.wv.weight),
-                        matrix(f.w1.weight, f.w3.weight))
+                mats = (block_matrix(a.wq.weight, a.wk.weight, a.wv.weight),
+                        block_matrix(f.w1.weight, f.w3.weight))
             else:
-                mats = tuple(matrix(w.weight) for w in
+                mats = tuple(block_matrix(w.weight) for w in
                              (a.wq, a.wk, a.wv, f.w1, f.w3))
             self.layers.append((vector(block.attention_norm.weight),
                                 vector(block.ffn_norm.weight),
-                                matrix(a.wo.weight), matrix(f.w2.weight),
-                                mats))
+                                block_matrix(a.wo.weight),
+                                block_matrix(f.w2.weight), mats))
         self.device = self.embed.device
         self.rotary = torch.empty(0, c.head_dim // 2, dtype=torch.complex64,
                                   device=self.device)  # (positions, hd/2)
@@ -272,7 +292,7 @@ class FastDecoder:
         H, H_kv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         rot = self.rotations(cache.length, T)[:, None]  # (T, 1, hd/2)
         mask = cache.mask(T)  # None, (1, filled) or (T, capacity + T)
-        lin = F.linear
+        lin = self.linear  # F.linear, or int8_linear
         x = F.embedding(idx, self.embed)  # (B, T, C)
         for i, (norm1, norm2, wo, w2, mats) in enumerate(self.layers):
             h = self.rms(x, norm1)  # (B, T, C)
@@ -308,7 +328,7 @@ class FastDecoder:
                 gate, up = lin(h, mats[3]), lin(h, mats[4])
             x = x + lin(F.silu(gate) * up, w2)  # (B, T, C)
         cache.advance(T)
-        return lin(self.rms(x, self.norm), self.out)  # (B, T, V)
+        return F.linear(self.rms(x, self.norm), self.out)  # (B, T, V)
 
 
 def as_decoder(model):
@@ -371,7 +391,7 @@ def time_generation(fn, tokens: int, clock=time.perf_counter) -> float:
     return tokens / (clock() - start)
 
 
-# § Many prompts at once (docs/frontiers/fast_generation.md:588)
+# § Many prompts at once (docs/frontiers/fast_generation.md:619)
 @torch.no_grad()
 def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
                       max_new_tokens: int, beam_width: int = 4,
@@ -433,7 +453,7 @@ def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
     return results
 
 
-# § Speculative decoding (docs/frontiers/fast_generation.md:710)
+# § Speculative decoding (docs/frontiers/fast_generation.md:741)
 def sampling_probs(logits: Tensor, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None
                    ) -> Tensor:
@@ -538,7 +558,7 @@ def speculative_generate(target: Llama | FastDecoder,
     return torch.tensor([tokens], device=device), stats
 
 
-# § A draft that costs nothing: the training text's n-grams (docs/frontiers/fast_generation.md:905)
+# § A draft that costs nothing: the training text's n-grams (docs/frontiers/fast_generation.md:936)
 @dataclasses.dataclass
 class NGramConfig:
     vocab_size: int  # the target's tokens: the draft must share them
@@ -654,7 +674,7 @@ def shakespeare_draft(tokenizer, order: int = 6, min_count: int = 3
                                                 min_count))
 
 
-# § The full run (docs/frontiers/fast_generation.md:1087)
+# § The full run (docs/frontiers/fast_generation.md:1119)
 def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
              threads: int = 1, draft_tokens: int = 4, clock: str = "cpu"
              ) -> dict:
@@ -684,6 +704,8 @@ def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
         "+ wide matrices column by column": dict(transposed=True),
         "bfloat16": dict(dtype=torch.bfloat16),
         "float16 kernels on the bfloat16 weights": dict(dtype=torch.float16),
+        "int8 weights, bfloat16 activations": dict(dtype=torch.bfloat16,
+                                                   int8=True),
     }
     runs = {name: (lambda n, kw=kw: generate(
                 model, prompt, n, top_k=50,
@@ -696,12 +718,16 @@ def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
     spec = {}
     drafts = {"quick draft": FastDecoder(small),  # small: float32 always
               "n-gram draft": shakespeare_draft(tokenizer)}
-    for (label, helper), dtype in itertools.product(
-            drafts.items(), (torch.float32, torch.bfloat16, torch.float16)):
-        name = f"{label}, {str(dtype).removeprefix('torch.')}"
-        if dtype == torch.float16 and label == "quick draft":
-            continue  # float16: the fast kernels, shown with counts only
-        target = FastDecoder(model, dtype)
+    targets = {"float32": dict(dtype=torch.float32),
+               "bfloat16": dict(dtype=torch.bfloat16),
+               "float16": dict(dtype=torch.float16),
+               "int8": dict(dtype=torch.bfloat16, int8=True)}
+    for (label, helper), (kind, kw) in itertools.product(drafts.items(),
+                                                        targets.items()):
+        name = f"{label}, {kind}"
+        if label == "quick draft" and kind in ("float16", "int8"):
+            continue  # the fastest targets: shown with the counts only
+        target = FastDecoder(model, **kw)
 
         def run(n, target=target, helper=helper, name=name):
             _, spec[name] = speculative_generate(
