@@ -220,3 +220,198 @@ def test_matching_targets_spread_each_row_over_its_digit():
     distinct = torch.arange(6)
     torch.testing.assert_close(C.clip_loss(logits, distinct),
                                C.clip_loss(logits), **F64)
+
+
+# --------------------------------------------------------------------------
+# captions and the tokenizer
+# --------------------------------------------------------------------------
+
+
+def test_every_template_fills_encodes_and_decodes_for_every_digit():
+    tok = C.CaptionTokenizer()
+    assert C.WORDS[0] == "<pad>" and tok.pad_id == 0
+    assert (tok.bos_id, tok.eos_id) == (len(C.WORDS) - 2, len(C.WORDS) - 1)
+    captions = [C.fill(t, d) for t in C.TRAIN_TEMPLATES +
+                C.HELD_OUT_TEMPLATES for d in range(10)]
+    ids = tok.encode(captions)
+    assert ids.dtype == torch.int64 and ids.shape == (len(captions), 12)
+    assert (ids[:, 0] == tok.bos_id).all()
+    assert ((ids == tok.eos_id).sum(1) == 1).all()
+    assert (ids.argmax(1) == (ids == tok.eos_id).int().argmax(1)).all(), \
+        "the end token is each row's largest id"
+    assert tok.decode(ids) == captions
+    assert C.fill("the digit {number}", 7) == "the digit 7"
+    assert C.fill("a handwritten {name}", 7) == "a handwritten seven"
+
+
+def test_held_out_templates_are_new_phrases_of_training_words():
+    train_words = {w for t in C.TRAIN_TEMPLATES for w in t.split()}
+    for template in C.HELD_OUT_TEMPLATES:
+        assert template not in C.TRAIN_TEMPLATES
+        assert set(template.split()) <= train_words, template
+    digits = range(10)
+    train = {C.fill(t, d) for t in C.TRAIN_TEMPLATES for d in digits}
+    assert not train & {C.fill(t, d) for t in C.HELD_OUT_TEMPLATES
+                        for d in digits}
+
+
+def test_captions_follow_their_generator_and_name_each_label():
+    labels = torch.tensor([7, 0, 3, 7])
+    a = C.captions_for(labels, C.TRAIN_TEMPLATES,
+                       torch.Generator().manual_seed(5))
+    b = C.captions_for(labels, C.TRAIN_TEMPLATES,
+                       torch.Generator().manual_seed(5))
+    assert a == b and len(a) == 4
+    for caption, d in zip(a, labels.tolist()):
+        words = caption.split()
+        assert C.NAMES[d] in words or str(d) in words
+
+
+def test_bad_captions_and_labels_name_expected_and_actual():
+    tok = C.CaptionTokenizer()
+    with pytest.raises(ValueError, match=r"unknown word\(s\) \['cat'\]"):
+        tok.encode(["a photo of a cat"])
+    with pytest.raises(ValueError, match="expected at most 10"):
+        tok.encode([" ".join(["seven"] * 11)])
+    with pytest.raises(TypeError, match="wrap it"):
+        tok.encode("seven")
+    with pytest.raises(ValueError, match="expected digits 0 to 9, got "
+                       "labels from 0 to 12"):
+        C.captions_for(torch.tensor([0, 12]), C.TRAIN_TEMPLATES)
+    with pytest.raises(ValueError, match="integer labels"):
+        C.captions_for(torch.tensor([1.0]), C.TRAIN_TEMPLATES)
+
+
+# --------------------------------------------------------------------------
+# the encoders and configurations
+# --------------------------------------------------------------------------
+
+
+def test_text_encoder_refuses_ids_it_cannot_read():
+    enc = C.TextEncoder(C.TextConfig(dim=16, depth=1, heads=2, mlp_dim=16))
+    tok = C.CaptionTokenizer()
+    ids = tok.encode(["seven", "the digit 7"])
+    with pytest.raises(ValueError, match=r"rows \[0\] have no end token"):
+        enc(torch.where(ids == tok.eos_id, 0, ids)[:1])
+    with pytest.raises(ValueError, match="integer ids"):
+        enc(ids.float())
+    with pytest.raises(ValueError, match="expected at most max_len=12"):
+        enc(torch.cat([ids, ids], dim=1))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 47\)"):
+        enc(ids + 100)
+
+
+def test_pooled_state_is_the_first_end_token_and_ignores_what_follows():
+    torch.manual_seed(0)
+    enc = C.TextEncoder(C.TextConfig(dim=16, depth=2, heads=2, mlp_dim=32))
+    tok = C.CaptionTokenizer()
+    ids = tok.encode(["a handwritten seven", "7"])
+    states, pooled = enc(ids)
+    end = (ids == tok.eos_id).int().argmax(1)
+    torch.testing.assert_close(pooled, states[torch.arange(2), end])
+    later = ids.clone()
+    later[ids == tok.pad_id] = tok.eos_id  # more end tokens after the first
+    torch.testing.assert_close(enc(later)[1], pooled, rtol=0, atol=0)
+
+
+def test_configs_refuse_bad_fields():
+    with pytest.raises(ValueError, match="heads must divide dim"):
+        C.TextConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match="eos_id must be an id below"):
+        C.TextConfig(eos_id=47)
+    with pytest.raises(TypeError, match="ViTConfig or HybridConfig"):
+        C.CLIPConfig(image=C.TextConfig())
+    with pytest.raises(ValueError, match="exceeds max_scale"):
+        C.CLIPConfig(init_temperature=0.001)
+    with pytest.raises(ValueError, match="targets must be"):
+        C.CLIPRecipe(targets="all")
+    with pytest.raises(ValueError, match=r"square logits \(B, B\), got "
+                       r"\(2, 3\)"):
+        C.clip_loss(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"expected labels \(2,\)"):
+        C.clip_loss(torch.zeros(2, 2), torch.zeros(3, dtype=torch.long))
+
+
+def test_hybrid_tower_reads_the_vit_chapters_hybrid_tokens():
+    from cave.classical.cnn import ResNetConfig
+
+    config = HybridConfig(image_size=28,
+                          cnn=ResNetConfig(widths=(8, 16), blocks=(1, 1)),
+                          dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.0)
+    torch.manual_seed(0)
+    tower = C.ImageEncoder(config).eval()
+    torch.manual_seed(0)
+    hybrid = HybridViT(config).eval()  # the same weights, same seed
+    x = torch.rand(3, 28, 28)
+    with torch.no_grad():
+        want = hybrid.vit.embed(hybrid.feature_map(x))  # (B, 1 + N, D)
+        torch.testing.assert_close(tower.embed(x), want, rtol=0, atol=0)
+        assert want.shape == (3, 1 + 49, 16)
+        states, pooled = tower(x)
+        assert states.shape == (3, 50, 16)
+        torch.testing.assert_close(pooled, states[:, 0])
+    with pytest.raises(ValueError, match="no convolutional stem"):
+        C.config_to_hf(C.CLIPConfig(image=config))
+
+
+# --------------------------------------------------------------------------
+# zero-shot, retrieval, the full run
+# --------------------------------------------------------------------------
+
+
+def test_zero_shot_and_recall_are_the_nearest_caption_by_hand():
+    torch.manual_seed(0)
+    model = C.CLIP(make_config(**CONFIGS[0]))
+    (_, _), (x, y) = C_split()
+    x, y = x[:50], y[:50]
+    scores = C.zero_shot(model, x, y, templates=("the digit {number}",))
+    u = model.encode_image(x.float() / 255).detach()
+    ids = C.CaptionTokenizer().encode([f"the digit {d}" for d in range(10)])
+    v = model.encode_text(ids).detach()
+    by_hand = ((u @ v.T).argmax(1) == y).float().mean().item()
+    assert scores["the digit {number}"] == by_hand == scores["mean"]
+    recall = C.recall_at_1(model, x, y, seed=3)
+    assert set(recall) == {"image_to_text", "text_to_image"}
+    assert all(0 <= r <= 1 for r in recall.values())
+
+
+@pytest.fixture
+def tiny_split(monkeypatch, tmp_path):
+    """The full run on 256 + 100 digits, weights in tmp."""
+    (tx, ty), (vx, vy) = C_split()
+    monkeypatch.setattr(C, "mnist_split",
+                        lambda seed=0: ((tx[:256], ty[:256]),
+                                        (vx[:100], vy[:100])))
+    monkeypatch.setattr(C, "WEIGHTS", tmp_path / "clip.safetensors")
+    return tmp_path
+
+
+def test_full_run_parts_record_and_save(tiny_split):
+    assert C.FULL_RUN_PARTS == ("clip", "targets")
+    run = C.full_run("cpu", part="clip", epochs=1, batch_size=128)
+    assert run["recipe"]["epochs"] == 1
+    assert len(run["history"]["step_loss"]) == 2  # 256 digits, 128 a batch
+    assert 0 <= run["zero_shot"]["mean"] <= 1
+    loaded = C.load_trained_clip(C.WEIGHTS)
+    assert not loaded.training
+    assert C.zero_shot(loaded, *C.mnist_split()[1]) == run["zero_shot"]
+    with pytest.raises(ValueError, match="part must be one of"):
+        C.full_run("cpu", part="nope")
+    with pytest.raises(ValueError, match="unknown override"):
+        C.full_run("cpu", part="clip", epoch=1)
+
+
+def test_recorded_full_run_reaches_the_issues_bar_and_its_weights_load():
+    from cave.fundamentals.data import load_results
+
+    record = load_results("clip")
+    assert set(C.FULL_RUN_PARTS) <= set(record)
+    run = record["clip"]
+    assert run["model"] == C.dataclasses.asdict(C.TRAINED)
+    assert run["zero_shot"]["mean"] >= 0.95
+    assert C.WEIGHTS.is_file() and C.WEIGHTS.stat().st_size < 2_000_000
+    model = C.load_trained_clip()
+    assert sum(p.numel() for p in model.parameters()) == run["parameters"]
+    runs = record["targets"]["runs"]
+    assert {r["recipe"]["targets"] for r in runs.values()} == \
+        {"matching", "diagonal"}

@@ -2,7 +2,7 @@
 # Do not edit: edit the chapter, then regenerate. CI fails on drift.
 
 
-# § CLIP: images and captions in one space (docs/frontiers/clip.md:32)
+# § CLIP: images and captions in one space (docs/frontiers/clip.md:37)
 """CLIP: an image encoder and a text encoder trained to agree, on
 MNIST digits with captions the book writes itself.
 
@@ -23,28 +23,42 @@ The chapter docs/frontiers/clip.md builds, in order:
                               space and the temperature, equal to
                               transformers.CLIPModel
     load_trained_clip         the full run's model
+    clip_loss                 the symmetric contrastive loss: diagonal
+                              targets, or every matching pair
+    config_to_hf, export_hf   the Hugging Face CLIPModel layout
+    CLIPRecipe, train_clip    training on the captioned digits
+    zero_shot, recall_at_1    classification by captions; retrieval
+    RECIPE, full_run          the full run's parts are FULL_RUN_PARTS
 
-tests/test_clip.py proves logits and loss equal to transformers'.
+tests/test_clip.py proves logits, loss and gradients equal to
+transformers', and the loss to a cross entropy by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from cave.fundamentals.checkpoints import load_safetensors
-from cave.fundamentals.data import RESULTS_DIR
+from cave.fundamentals.checkpoints import (load_safetensors,
+                                           override_configs,
+                                           save_safetensors)
+from cave.fundamentals.data import RESULTS_DIR, mnist_split
+from cave.fundamentals.deep_networks import random_shift
+from cave.fundamentals.essentials import (eval_mode, pick_device,
+                                          seed_everything)
+from cave.techniques.optimization import Scheduler, warmup_cosine
 from cave.transformers.transformer import LayerNorm
 from cave.transformers.vit import (HybridConfig, HybridViT, ViT, ViTBlock,
                                    ViTConfig)
 
 
-# § Captions the book writes itself (docs/frontiers/clip.md:106)
+# § Captions the book writes itself (docs/frontiers/clip.md:125)
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven",
          "eight", "nine")  # digit d is NAMES[d] in words, str(d) in figures
 WORDS: tuple[str, ...] = (
@@ -143,7 +157,7 @@ class CaptionTokenizer:
         return out
 
 
-# § The text encoder: a causal Transformer, read at the end (docs/frontiers/clip.md:261)
+# § The text encoder: a causal Transformer, read at the end (docs/frontiers/clip.md:280)
 @dataclasses.dataclass
 class TextConfig:
     vocab_size: int = len(WORDS)  # the words, padding, start and end
@@ -226,7 +240,7 @@ class TextEncoder(nn.Module):
         return states, pooled
 
 
-# § The image encoder: the ViT, with one more LayerNorm (docs/frontiers/clip.md:404)
+# § The image encoder: the ViT, with one more LayerNorm (docs/frontiers/clip.md:423)
 class ImageEncoder(nn.Module):
     """images (B, 28, 28) -> (states (B, 1 + N, D) after the final
     LayerNorm, pooled (B, D): the class token's)."""
@@ -266,10 +280,11 @@ class ImageEncoder(nn.Module):
         return states, states[:, 0]  # the class token's: (B, D)
 
 
-# § One space and a temperature (docs/frontiers/clip.md:473)
+# § One space and a temperature (docs/frontiers/clip.md:492)
 def _default_image() -> ViTConfig:
     """The image tower of the full run (every field named: the ViT
-    chapter may change its defaults)."""
+    chapter may change its defaults). Patches of 7x7: 16 tokens, a third
+    of the ViT chapter's 49, so that 40 epochs fit a full run's budget."""
     return ViTConfig(image_size=28, patch_size=7, in_channels=1,
                      classes=10, dim=64, depth=4, heads=4, mlp_dim=128,
                      dropout=0.0, attention_dropout=0.0,
@@ -349,7 +364,7 @@ def load_trained_clip(path=WEIGHTS, config: CLIPConfig = TRAINED) -> CLIP:
     return model.eval()
 
 
-# § The symmetric contrastive loss (docs/frontiers/clip.md:604)
+# § The symmetric contrastive loss (docs/frontiers/clip.md:625)
 def clip_loss(logits_per_image: Tensor, labels: Tensor | None = None
               ) -> Tensor:
     """Mean of the cross entropies over rows (image -> captions) and
@@ -375,7 +390,7 @@ def clip_loss(logits_per_image: Tensor, labels: Tensor | None = None
             + F.cross_entropy(logits_per_image.T, targets)) / 2
 
 
-# § The Hugging Face layout (docs/frontiers/clip.md:653)
+# § The Hugging Face layout (docs/frontiers/clip.md:698)
 def config_to_hf(config: CLIPConfig) -> dict:
     """Our config as the fields of transformers' CLIPConfig (JSON-ready).
     The vision fields describe the ViT tower; the hybrid has no
@@ -461,3 +476,204 @@ def export_hf(model: CLIP) -> tuple[dict[str, Tensor], dict]:
                              model.config.image.depth)}
     state.update({theirs: ours[name] for name, theirs in blocks.items()})
     return state, hf
+
+
+# § Training on captioned digits (docs/frontiers/clip.md:804)
+@dataclasses.dataclass
+class CLIPRecipe:
+    epochs: int = 20  # passes over the 8,000 digits
+    batch_size: int = 128  # 63 steps an epoch; about 13 of each digit
+    lr: float = 1e-3  # peak, the ViT chapter's
+    warmup: float = 0.1  # fraction of the steps warming up, then cosine
+    weight_decay: float = 0.1  # AdamW's, on the matrices only (the
+    # paper: 0.2)
+    max_shift: int = 2  # random shifts, as the ViT chapter's recipe
+    targets: str = "matching"  # or "diagonal": see the loss's section
+    bf16: bool = False  # autocast matrix products to bfloat16
+    seed: int = 0  # initial weights, batch order, shifts and captions
+    device: str | None = None  # None: "cuda" when available, else "cpu"
+
+    def __post_init__(self):
+        if self.targets not in ("matching", "diagonal"):
+            raise ValueError(f"targets must be 'matching' or 'diagonal', "
+                             f"got {self.targets!r}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ValueError(f"expected epochs >= 1 and batch_size >= 2, "
+                             f"got {self.epochs} and {self.batch_size}")
+        if not self.lr > 0 or not 0 < self.warmup < 1:
+            raise ValueError(f"expected lr > 0 and warmup in (0, 1), got "
+                             f"lr={self.lr}, warmup={self.warmup}")
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: decay the matrices (linear and
+    convolution weights, embeddings), not gains, biases, the class token,
+    positions or the temperature."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        matrix = p.ndim >= 2 and "positions" not in name and \
+            "cls_token" not in name
+        (decay if matrix else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": keep, "weight_decay": 0.0}]
+
+
+def train_clip(model: CLIP, train_data, val_data,
+               recipe: CLIPRecipe = CLIPRecipe(), log=None) -> dict:
+    """Train on (uint8 images (N, 28, 28), labels (N,)) with captions
+    from TRAIN_TEMPLATES; after each epoch, zero-shot accuracy on
+    val_data with HELD_OUT_TEMPLATES, and log(history) if given.
+    Returns the history."""
+    images, labels = train_data
+    device = pick_device(recipe.device)
+    generator = seed_everything(recipe.seed)  # batches, shifts, captions
+    model.to(device)
+    tokenizer = CaptionTokenizer(max_len=model.config.text.max_len)
+    x_all = images.to(device).float() / 255  # (N, 28, 28) in [0, 1]
+    n, B = len(x_all), recipe.batch_size
+    per_epoch = math.ceil(n / B)
+    total = recipe.epochs * per_epoch
+    optimiser = torch.optim.AdamW(decay_groups(model, recipe.weight_decay),
+                                  lr=recipe.lr, betas=(0.9, 0.98),
+                                  eps=1e-6)  # the paper's betas and eps
+    scheduler = Scheduler(optimiser, warmup_cosine(
+        max(1, round(recipe.warmup * total)), total))
+    history = {"step_loss": [], "zero_shot": [], "scale": [],
+               "seconds": []}
+    start = time.perf_counter()
+    for epoch in range(recipe.epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator)  # (N,)
+        for i in range(per_epoch):
+            index = order[i * B:(i + 1) * B]  # (B,)
+            x = random_shift(x_all[index.to(device)], recipe.max_shift,
+                             generator)  # (B, 28, 28)
+            y = labels[index]  # (B,)
+            ids = tokenizer.encode(captions_for(y, TRAIN_TEMPLATES,
+                                                generator))  # (B, L)
+            with torch.autocast(device.type, torch.bfloat16,
+                                enabled=recipe.bf16):
+                logits, _ = model(x, ids.to(device))  # (B, B)
+            loss = clip_loss(logits.float(), y.to(device)
+                             if recipe.targets == "matching" else None)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            history["step_loss"].append(loss.item())
+        history["zero_shot"].append(zero_shot(model, *val_data)["mean"])
+        history["scale"].append(model.scale().item())
+        history["seconds"].append(time.perf_counter() - start)
+        if log is not None:
+            log(history)
+    return history
+
+
+# § Zero-shot classification and retrieval (docs/frontiers/clip.md:939)
+@torch.no_grad()
+def embed_images(model: CLIP, images: Tensor, batch_size: int = 1000
+                 ) -> Tensor:
+    """uint8 images (N, 28, 28) -> unit vectors (N, E)."""
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        return torch.cat([model.encode_image(
+            images[i:i + batch_size].to(device).float() / 255)
+            for i in range(0, len(images), batch_size)])  # (N, E)
+
+
+@torch.no_grad()
+def embed_captions(model: CLIP, captions: list[str]) -> Tensor:
+    """Captions -> unit vectors (len(captions), E)."""
+    device = next(model.parameters()).device
+    ids = CaptionTokenizer(max_len=model.config.text.max_len).encode(
+        captions)  # (n, L)
+    with eval_mode(model):
+        return model.encode_text(ids.to(device))  # (n, E)
+
+
+def zero_shot(model: CLIP, images: Tensor, labels: Tensor,
+              templates=HELD_OUT_TEMPLATES) -> dict:
+    """Accuracy of picking, for each image, the nearest of the ten
+    captions of a template; per template, and their mean."""
+    u = embed_images(model, images)  # (N, E)
+    scores = {}
+    for template in templates:
+        v = embed_captions(model, [fill(template, d) for d in range(10)])
+        predictions = (u @ v.T).argmax(dim=1).cpu()  # (N,)
+        scores[template] = (predictions == labels).float().mean().item()
+    scores["mean"] = sum(scores.values()) / len(templates)
+    return scores
+
+
+def recall_at_1(model: CLIP, images: Tensor, labels: Tensor,
+                templates=HELD_OUT_TEMPLATES, seed: int = 0) -> dict:
+    """Retrieval among N images and N captions (one each, from random
+    templates): the fraction of queries whose nearest item shows or says
+    the same digit, image -> text and text -> image."""
+    generator = torch.Generator().manual_seed(seed)
+    u = embed_images(model, images)  # (N, E)
+    v = embed_captions(model, captions_for(labels, templates, generator))
+    similarity = (u @ v.T).cpu()  # (N images, N captions)
+    image_to_text = labels[similarity.argmax(dim=1)] == labels  # (N,)
+    text_to_image = labels[similarity.argmax(dim=0)] == labels  # (N,)
+    return {"image_to_text": image_to_text.float().mean().item(),
+            "text_to_image": text_to_image.float().mean().item()}
+
+
+# § The full run (docs/frontiers/clip.md:1047)
+RECIPE = CLIPRecipe(
+    epochs=40,  # what the CPU budget of a full run affords (the record
+    # says how long they took)
+    bf16=True,  # matrix products in bfloat16, as the ViT chapter's recipe
+)
+FULL_RUN_PARTS = ("clip", "targets")
+
+
+def full_run(device: str | None = None, part: str = "clip",
+             **overrides) -> dict:
+    """One part of the full run on the book's MNIST split; its record.
+
+    part "clip": TRAINED with RECIPE (overrides of CLIPRecipe fields,
+    e.g. epochs=1), saving the weights to WEIGHTS. part "targets": the
+    same model trained for TARGETS_EPOCHS with matching and with
+    diagonal targets.
+    """
+    if part not in FULL_RUN_PARTS:
+        raise ValueError(f"part must be one of {FULL_RUN_PARTS}, got "
+                         f"{part!r}")
+    train_data, val_data = mnist_split(seed=0)
+    device = str(pick_device(device))
+    if part == "clip":
+        recipe, = override_configs(
+            {"": dataclasses.replace(RECIPE, device=device)}, overrides)
+        record, model = train_record(recipe, train_data, val_data)
+        save_safetensors(WEIGHTS, {k: v.detach().float().cpu()
+                                   for k, v in model.state_dict().items()})
+        return {"device": device, **record}
+    runs = {}
+    for targets in ("matching", "diagonal"):
+        recipe, = override_configs({"": dataclasses.replace(
+            RECIPE, epochs=TARGETS_EPOCHS, targets=targets,
+            device=device)}, overrides)
+        runs[targets], _ = train_record(recipe, train_data, val_data)
+    return {"device": device, "runs": runs}
+
+
+TARGETS_EPOCHS = 8  # each of the targets part's two runs
+
+
+def train_record(recipe: CLIPRecipe, train_data, val_data):
+    """Seed, build TRAINED, train: (the numbers the chapter shows, the
+    model)."""
+    seed_everything(recipe.seed)
+    model = CLIP(TRAINED)
+    history = train_clip(model, train_data, val_data, recipe)
+    model.cpu()
+    record = {"zero_shot": zero_shot(model, *val_data),
+              "recall_at_1": recall_at_1(model, *val_data),
+              "seconds": history["seconds"][-1],
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "recipe": dataclasses.asdict(recipe),
+              "model": dataclasses.asdict(model.config),
+              "history": history}
+    return record, model
