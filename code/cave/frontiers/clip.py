@@ -328,7 +328,7 @@ class CLIP(nn.Module):
         self.text_projection = nn.Linear(c.text.dim, c.embed_dim,
                                          bias=False)
         self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1 / c.init_temperature)))  # tau
+            torch.tensor(math.log(1 / c.init_temperature)))  # t = log s
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 28, 28) -> unit vectors (B, embed_dim)."""
@@ -341,7 +341,7 @@ class CLIP(nn.Module):
         return F.normalize(self.text_projection(pooled), dim=-1)
 
     def scale(self) -> Tensor:
-        """s = exp(tau), clipped at max_scale."""
+        """s = exp(t), clipped at max_scale."""
         return self.logit_scale.exp().clamp(max=self.config.max_scale)
 
     def forward(self, images: Tensor, ids: Tensor
