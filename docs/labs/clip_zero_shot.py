@@ -117,7 +117,8 @@ top = mistakes.flatten().topk(4)
 for count, index in zip(top.values.tolist(), top.indices.tolist()):
     print(f"a {index // 10} read as a {index % 10}: {count} times")
 fig, ax = plt.subplots(figsize=(4.4, 4))
-ax.imshow(mistakes, cmap="magma")
+shown = ax.imshow(mistakes, cmap="magma")
+fig.colorbar(shown, ax=ax, label="images", shrink=0.8)
 ax.set_xticks(range(10))
 ax.set_yticks(range(10))
 ax.set_xlabel("predicted digit")
@@ -148,6 +149,9 @@ print("labels of the eight nearest:", val_y[best].tolist())
 #    the four held-out ones?
 # 2. Do "seven" and "7" mean the same to the text encoder? Compare the
 #    vectors of the bare word and the bare figure for each digit.
+# 3. The chapter found that every held-out caption of zero retrieves
+#    another digit as its nearest image. Look at that image, and at the
+#    zeros that come next.
 
 # %% [markdown]
 # ### Solution 1: a larger ensemble
@@ -180,4 +184,23 @@ same = cosines.diagonal()
 other = cosines.clone().fill_diagonal_(-1).max(dim=1).values
 for d in range(10):
     print(f"{d}: same digit {same[d]:.3f}, closest other {other[d]:.3f}")
+
+# %% [markdown]
+# ### Solution 3: the image every zero caption finds
+#
+# The nearest validation images to "the digit zero", with their labels
+# and cosines: one odd image can sit further along the caption's
+# direction than any real zero.
+
+# %%
+zero = embed_captions(model, ["the digit zero"])  # (1, E)
+scores = (images @ zero.T).squeeze(1)  # (2000,)
+best = scores.topk(6).indices
+fig, axes = plt.subplots(1, 6, figsize=(6, 1.5))
+for ax, i in zip(axes, best.tolist()):
+    ax.imshow(val_x[i], cmap="gray")
+    ax.set_title(f"a {int(val_y[i])}, {scores[i]:.2f}", fontsize=8)
+    ax.axis("off")
+fig.suptitle("nearest to 'the digit zero'")
+print("labels of the six nearest:", val_y[best].tolist())
 print(f"lab ran in {time.perf_counter() - lab_start:.1f} s")
