@@ -395,6 +395,10 @@ def test_full_run_parts_record_and_save(tiny_split):
     loaded = C.load_trained_clip(C.WEIGHTS)
     assert not loaded.training
     assert C.zero_shot(loaded, *C.mnist_split()[1]) == run["zero_shot"]
+    part = C.full_run("cpu", part="targets", epochs=1, batch_size=128)
+    assert {name: r["recipe"]["targets"] for name, r in
+            part["runs"].items()} == {"matching": "matching",
+                                      "diagonal": "diagonal"}
     with pytest.raises(ValueError, match="part must be one of"):
         C.full_run("cpu", part="nope")
     with pytest.raises(ValueError, match="unknown override"):

@@ -390,7 +390,7 @@ def clip_loss(logits_per_image: Tensor, labels: Tensor | None = None
             + F.cross_entropy(logits_per_image.T, targets)) / 2
 
 
-# § The Hugging Face layout (docs/frontiers/clip.md:698)
+# § The Hugging Face layout (docs/frontiers/clip.md:703)
 def config_to_hf(config: CLIPConfig) -> dict:
     """Our config as the fields of transformers' CLIPConfig (JSON-ready).
     The vision fields describe the ViT tower; the hybrid has no
@@ -478,7 +478,7 @@ def export_hf(model: CLIP) -> tuple[dict[str, Tensor], dict]:
     return state, hf
 
 
-# § Training on captioned digits (docs/frontiers/clip.md:804)
+# § Training on captioned digits (docs/frontiers/clip.md:809)
 @dataclasses.dataclass
 class CLIPRecipe:
     epochs: int = 20  # passes over the 8,000 digits
@@ -569,7 +569,7 @@ def train_clip(model: CLIP, train_data, val_data,
     return history
 
 
-# § Zero-shot classification and retrieval (docs/frontiers/clip.md:939)
+# § Zero-shot classification and retrieval (docs/frontiers/clip.md:944)
 @torch.no_grad()
 def embed_images(model: CLIP, images: Tensor, batch_size: int = 1000
                  ) -> Tensor:
@@ -620,7 +620,7 @@ def recall_at_1(model: CLIP, images: Tensor, labels: Tensor,
             "text_to_image": text_to_image.float().mean().item()}
 
 
-# § The full run (docs/frontiers/clip.md:1047)
+# § The full run (docs/frontiers/clip.md:1052)
 RECIPE = CLIPRecipe(
     epochs=40,  # what the CPU budget of a full run affords (the record
     # says how long they took)
