@@ -624,7 +624,7 @@ def recall_at_1(model: CLIP, images: Tensor, labels: Tensor,
 RECIPE = CLIPRecipe(
     epochs=40,  # what the CPU budget of a full run affords (the record
     # says how long they took)
-    bf16=True,  # matrix products in bfloat16, as the ViT chapter's recipe
+    bf16=True,  # matrix products in bfloat16 under autocast, as recorded
 )
 FULL_RUN_PARTS = ("clip", "targets")
 
