@@ -366,14 +366,24 @@ def tiny_split(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_full_run_parts_record_and_save(tiny_split):
+def test_full_run_parts_record_and_save(tiny_split, monkeypatch):
     assert V.FULL_RUN_PARTS == ("vit", "hybrid", "efficiency_mlp",
                                 "efficiency_resnet", "efficiency_vit",
                                 "efficiency_hybrid")
-    run = V.full_run("cpu", part="vit", epochs=1, batch_size=128)
+    timed = []  # the step timings, stubbed: tested on their own below
+    monkeypatch.setattr(V, "step_seconds", lambda make, x, y, device: (
+        timed.append(make().config) or {"float32": 1.0, "bfloat16": 2.0}))
+    assert sum(p.numel() for p in V.ViT(V.VIT_MODEL).parameters()) == \
+        sum(p.numel() for p in V.ViT().parameters()) == 205_962  # 7x7, 4x4
+    run = V.full_run("cpu", part="vit", epochs=1, batch_size=128,
+                     model_depth=1)  # a model override: one layer
     assert run["train"]["epochs"] == 1 and 0 <= run["best_val_acc"] <= 1
-    assert run["parameters"] == 205_962
-    loaded = V.load_trained_vit(V.WEIGHTS)
+    assert run["model"] == {**V.dataclasses.asdict(V.VIT_MODEL), "depth": 1}
+    assert run["model"]["patch_size"] == 7 and not run["train"]["bf16"]
+    assert timed == [V.ViTConfig(**run["model"]), V.ViTConfig()]  # 7, 4
+    assert set(run["step_seconds"]) == {"recipe's model",
+                                        "ViT with 4x4 patches"}
+    loaded = V.load_trained_vit(V.WEIGHTS, V.ViTConfig(**run["model"]))
     assert not loaded.training
     with torch.no_grad():
         x = torch.rand(3, 28, 28)
@@ -408,10 +418,34 @@ def test_recorded_full_run_has_every_part():
 
     record = load_results("vit")
     assert set(V.FULL_RUN_PARTS) <= set(record)
-    assert record["vit"]["model"] == V.dataclasses.asdict(V.ViTConfig())
+    assert record["vit"]["model"] == V.dataclasses.asdict(V.VIT_MODEL)
     assert V.WEIGHTS.is_file() and V.WEIGHTS.stat().st_size < 2_000_000
     for part, name in V.EFFICIENCY_PARTS.items():
         run = record[part]
         assert run["model"] == name
         assert set(run["accuracy"]) == {str(n)
                                         for n in run["config"]["sizes"]}
+
+
+def test_efficiency_steps_are_a_share_of_each_recipe():
+    config = V.EfficiencyConfig()
+    models = V.era_models()
+    steps = {name: config.steps_for(recipe)
+             for name, (_, recipe) in models.items()}
+    assert steps["MLP"] == steps["ResNet"] == 315  # 15 epochs of 63, / 3
+    assert steps["ViT"] == round(V.VIT_RECIPE.epochs * 63 / 3)
+    assert steps["hybrid"] == round(V.HYBRID_RECIPE.epochs * 63 / 3)
+    assert V.EfficiencyConfig(steps=7).steps_for(V.VIT_RECIPE) == 7
+    with pytest.raises(ValueError, match=r"share in \(0, 1\]"):
+        V.EfficiencyConfig(share=0.0)
+
+
+def test_step_seconds_times_both_precisions():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    y = torch.randint(0, 10, (8,))
+    seconds = V.step_seconds(lambda: V.ViT(V.ViTConfig(
+        patch_size=7, dim=16, depth=1, heads=2, mlp_dim=16)), x, y, "cpu",
+        repeats=1)
+    assert set(seconds) == {"float32", "bfloat16"}
+    assert all(0 < t < 10 for t in seconds.values())
