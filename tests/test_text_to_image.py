@@ -85,7 +85,10 @@ def test_ddpm_steps_equal_diffusers(kind, prediction, n):
 
 @pytest.mark.parametrize("kind,prediction", CONFIGS)
 @pytest.mark.parametrize("n,eta", [(25, 0.0), (50, 0.0), (10, 0.7)])
-def test_ddim_steps_equal_diffusers(kind, prediction, n, eta):
+@pytest.mark.parametrize("clipped_eps", [False, True])
+def test_ddim_steps_equal_diffusers(kind, prediction, n, eta, clipped_eps):
+    """clipped_eps is diffusers' use_clipped_model_output: the random
+    outputs put x0_hat outside [-1, 1] at most steps, so the two differ."""
     ours = NoiseSchedule.make(kind)
     ref = theirs(DDIMScheduler, kind, prediction)
     ref.set_timesteps(n)
@@ -98,9 +101,10 @@ def test_ddim_steps_equal_diffusers(kind, prediction, n, eta):
         out = torch.randn(2, 1, 28, 28, generator=g)
         z = torch.randn(2, 1, 28, 28, generator=g)
         expected = ref.step(out, t, x, eta=eta,
+                            use_clipped_model_output=clipped_eps,
                             variance_noise=z if eta else None).prev_sample
         got = ddim_step(ours, out, t, prev, x, eta, z if eta else None,
-                        prediction)
+                        prediction, clipped_eps=clipped_eps)
         torch.testing.assert_close(got, expected, **TOL)
         x = got  # walk the chain on our own output
 
@@ -124,7 +128,8 @@ def test_sampling_loops_equal_diffusers(method, n):
     x = torch.randn(2, 1, 28, 28, generator=g)
     for t in ref.timesteps:
         out = fake_model(x, t.expand(2))
-        kw = {"generator": g} if method == "ddpm" else {}
+        kw = ({"generator": g} if method == "ddpm"
+              else {"use_clipped_model_output": True})  # our default
         x = ref.step(out, t, x, **kw).prev_sample
     got = sample(fake_model, ours, (2, 1, 28, 28), n, method,
                  torch.Generator().manual_seed(3))
@@ -285,6 +290,7 @@ def test_bad_input_messages():
              torch.zeros(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"part must be one of"):
         full_run(part="everything")
-    assert FULL_RUN_PARTS == ("classifier", "diffusion", "evaluate")
+    assert FULL_RUN_PARTS == ("classifier", "diffusion", "evaluate",
+                              "ddim")
     assert torch.equal(cosine_betas(4), NoiseSchedule.make(
         "cosine", 4).betas)

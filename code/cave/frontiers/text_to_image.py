@@ -470,7 +470,7 @@ class TextToImage(nn.Module):
                               generator=generator)
 
 
-# § Sampling: DDPM, and DDIM with fewer steps (docs/frontiers/text_to_image.md:854)
+# § Sampling: DDPM, and DDIM with fewer steps (docs/frontiers/text_to_image.md:871)
 def sampling_steps(schedule: NoiseSchedule, n: int | None = None
                    ) -> list[int]:
     """n steps, 'leading' spacing: (n-1)k, ..., k, 0 with k = T // n."""
@@ -516,15 +516,19 @@ def ddpm_step(schedule: NoiseSchedule, output: Tensor, t: int,
 def ddim_step(schedule: NoiseSchedule, output: Tensor, t: int,
               prev_t: int, x_t: Tensor, eta: float = 0.0,
               noise: Tensor | None = None, prediction: str = "epsilon",
-              clip: bool = True) -> Tensor:
+              clip: bool = True, clipped_eps: bool = True) -> Tensor:
     """x_{t'} = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) eps_hat + sigma z.
 
     eta = 0: deterministic; eta > 0 needs the noise z (like x_t).
+    clipped_eps: eps_hat re-derived from the clipped x0_hat, so that both
+    describe the same x_t (diffusers' use_clipped_model_output=True).
     """
     a, a_prev = _alpha_bars(schedule, t, prev_t)
     x0, eps = split_prediction(output, x_t, a, prediction)
     if clip:
         x0 = x0.clamp(-1, 1)
+        if clipped_eps:
+            eps = (x_t - a ** 0.5 * x0) / (1 - a) ** 0.5
     sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
     x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
     if eta > 0:
@@ -540,14 +544,14 @@ def sample(denoise: Callable[[Tensor, Tensor], Tensor],
            schedule: NoiseSchedule, shape: tuple[int, ...],
            steps: int | None = None, method: str = "ddim",
            generator: torch.Generator | None = None,
-           prediction: str = "epsilon", trajectory: list | None = None
-           ) -> Tensor:
+           prediction: str = "epsilon", trajectory: list | None = None,
+           clipped_eps: bool = True) -> Tensor:
     """Draw x_T ~ N(0, I) and walk it back to x_0.
 
     denoise(x_t (B, C, H, W), t (B,)) -> the model's output. method
     "ddpm" (every step by default) or "ddim" (eta = 0, 50 steps by
     default). trajectory: a list to which (t, x_t, x0_hat) is appended
-    before each step.
+    before each step. clipped_eps: passed to ddim_step.
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
@@ -568,11 +572,11 @@ def sample(denoise: Callable[[Tensor, Tensor], Tensor],
                           prediction)
         else:
             x = ddim_step(schedule, output, t, prev_t, x,
-                          prediction=prediction)
+                          prediction=prediction, clipped_eps=clipped_eps)
     return x
 
 
-# § Classifier-free guidance (docs/frontiers/text_to_image.md:1013)
+# § Classifier-free guidance (docs/frontiers/text_to_image.md:1035)
 def guide(eps_cond: Tensor, eps_uncond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance: eps_u + scale * (eps_c - eps_u)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -601,7 +605,7 @@ def guided(model: TextToImage, ids: Tensor, scale: float
     return denoise
 
 
-# § Training and measuring (docs/frontiers/text_to_image.md:1057)
+# § Training and measuring (docs/frontiers/text_to_image.md:1079)
 @dataclasses.dataclass
 class DiffusionTrainConfig:
     steps: int = 2400  # about 20 CPU-minutes on one thread (the record)
@@ -665,7 +669,7 @@ def train_diffusion(model: TextToImage, images: Tensor, labels: Tensor,
 
 WEIGHTS = RESULTS_DIR / "text_to_image.safetensors"  # the diffusion model
 CLASSIFIER = RESULTS_DIR / "text_to_image_classifier.safetensors"
-FULL_RUN_PARTS = ("classifier", "diffusion", "evaluate")
+FULL_RUN_PARTS = ("classifier", "diffusion", "evaluate", "ddim")
 EVAL_TEMPLATE = "a handwritten {name}"
 GRID_SCALES = (0.0, 1.0, 2.0, 4.0)  # the figure's guidance scales
 
@@ -674,7 +678,7 @@ GRID_SCALES = (0.0, 1.0, 2.0, 4.0)  # the figure's guidance scales
 class EvalConfig:
     per_digit: int = 100  # images per digit and scale: 1,000 per scale
     scales: tuple[float, ...] = (1.0, 2.0)  # without, then with guidance
-    samplers: tuple[str, ...] = ("ddpm", "ddim")  # each at each scale
+    samplers: tuple[str, ...] = ("ddpm",)  # DDIM: the part "ddim"
     ddpm_steps: int = 50  # 'leading' spacing: every 20th step
     ddim_steps: int = 25  # eta = 0: every 40th step
     batch_size: int = 250  # images per sampling batch
@@ -713,7 +717,7 @@ def to_pixels(x: Tensor) -> Tensor:
 def draw(model: TextToImage, captions: list[str], scale: float,
          steps: int = 50, generator: torch.Generator | None = None,
          trajectory: list | None = None, bf16: bool = False,
-         method: str = "ddpm") -> Tensor:
+         method: str = "ddpm", clipped_eps: bool = True) -> Tensor:
     """uint8 digits (B, 28, 28), one per caption, guided."""
     device = model.unet.conv_in.weight.device
     with eval_mode(model), torch.autocast(device.type, torch.bfloat16,
@@ -722,12 +726,13 @@ def draw(model: TextToImage, captions: list[str], scale: float,
         denoise = guided(model, ids, scale)
         x = sample(denoise, model.schedule, (len(captions), 1, 28, 28),
                    steps, method, generator, model.config.prediction,
-                   trajectory)
+                   trajectory, clipped_eps)
     return to_pixels(x)
 
 
 def recognition(model: TextToImage, classifier: nn.Module,
-                config: EvalConfig, scale: float, method: str) -> dict:
+                config: EvalConfig, scale: float, method: str,
+                clipped_eps: bool = True) -> dict:
     """Draw per_digit images of each digit; the share recognised."""
     steps = config.ddpm_steps if method == "ddpm" else config.ddim_steps
     g = torch.Generator().manual_seed(config.seed)
@@ -736,11 +741,12 @@ def recognition(model: TextToImage, classifier: nn.Module,
     for chunk in labels.split(config.batch_size):
         captions = [EVAL_TEMPLATE.format(name=NAMES[d]) for d in chunk]
         images = draw(model, captions, scale, steps, g, bf16=config.bf16,
-                      method=method)
+                      method=method, clipped_eps=clipped_eps)
         with eval_mode(classifier):
             predicted.append(classifier(images.float() / 255).argmax(-1))
     hits = (torch.cat(predicted) == labels).float()
     return {"method": method, "steps": steps, "scale": scale,
+            "clipped_eps": clipped_eps,
             "recognised": hits.mean().item(),
             "per_digit": [h.mean().item() for h in hits.view(10, -1)],
             "seconds": time.perf_counter() - start,
@@ -760,7 +766,8 @@ def full_run(device: str | None = None, part: str = "diffusion",
     CLASSIFIER. "diffusion": TextToImage trained by train_diffusion
     (overrides: DiffusionTrainConfig fields), EMA weights saved to
     WEIGHTS. "evaluate": the recognition rates and the figures' samples
-    (overrides: EvalConfig fields).
+    (overrides: EvalConfig fields). "ddim": DDIM's rates, with eps_hat
+    kept raw and re-derived from the clipped x0_hat (clipped_eps).
     """
     if part not in FULL_RUN_PARTS:
         raise ValueError(f"part must be one of {FULL_RUN_PARTS}, got "
@@ -796,6 +803,11 @@ def full_run(device: str | None = None, part: str = "diffusion",
                 "model": dataclasses.asdict(model.config)}
     config = override_config(EvalConfig(), overrides)
     model, classifier = load_trained_t2i(), load_classifier()
+    if part == "ddim":
+        rates = [recognition(model, classifier, config, s, "ddim", clipped)
+                 for clipped in (False, True) for s in config.scales]
+        return {"device": "cpu", "rates": rates,
+                "eval": dataclasses.asdict(config)}
     rates = [recognition(model, classifier, config, s, method)
              for method in config.samplers for s in config.scales]
     _, real_acc, _ = evaluate(classifier, *val_data)
