@@ -14,8 +14,8 @@
 # Two kinds of evidence. First the ViT that the chapter's full run
 # trained (its weights ship with the book): we take its positions away
 # and shuffle its patches, which costs a few forward passes. Then short
-# training runs of a small ViT (width 32, two layers, 96 steps of 32
-# digits on 1,024 training digits, validated on 500), so that the lab
+# training runs of a small ViT (width 32, two layers, 60 steps of 32
+# digits on 640 training digits, validated on 500), so that the lab
 # stays within seconds. Short runs show how fast each version *starts*
 # learning, which is not the same as where it ends: one seed, one short
 # run, directions rather than final scores.
@@ -89,7 +89,7 @@ small = ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64)
 schedule = dataclasses.replace(VIT_RECIPE, epochs=3, batch_size=32,
                                lr=3e-3, bf16=True)  # autocast: at one
 # thread, as the lab runs, this small model's steps timed faster with it
-train_data = (train_x[:1024], train_y[:1024])
+train_data = (train_x[:640], train_y[:640])
 short_val = (val_x[:500], val_y[:500])
 experiments = {
     "as built": (small, schedule),
@@ -119,7 +119,8 @@ for name, history in histories.items():
     ax.plot(smooth(history.step_loss, window=8), label=name, lw=1.6)
 ax.set_xlabel("step")
 ax.set_ylabel("training loss (smoothed)")
-ax.set_title("A small ViT, broken three ways: the first 96 steps")
+ax.set_title(f"A small ViT, broken three ways: the first "
+             f"{len(history.step_loss)} steps")
 ax.legend(fontsize=8)
 fig.tight_layout()
 plt.show()
