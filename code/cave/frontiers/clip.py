@@ -55,7 +55,7 @@ from cave.fundamentals.essentials import (eval_mode, pick_device,
 from cave.techniques.optimization import Scheduler, warmup_cosine
 from cave.transformers.transformer import LayerNorm
 from cave.transformers.vit import (HybridConfig, HybridViT, ViT, ViTBlock,
-                                   ViTConfig)
+                                   ViTConfig, check_sizes)
 
 
 # § Captions the book writes itself (docs/frontiers/clip.md:125)
@@ -175,13 +175,7 @@ class TextConfig:
         sizes = {"vocab_size": self.vocab_size, "max_len": self.max_len,
                  "dim": self.dim, "depth": self.depth, "heads": self.heads,
                  "mlp_dim": self.mlp_dim}
-        small = {k: v for k, v in sizes.items()
-                 if not isinstance(v, int) or v < 1}
-        if small:
-            raise ValueError(f"expected positive ints, got {small}")
-        if self.dim % self.heads:
-            raise ValueError(f"heads must divide dim: got dim={self.dim}, "
-                             f"heads={self.heads}")
+        check_sizes(sizes, self.dim, self.heads)
         if not 0 <= self.eos_id < self.vocab_size:
             raise ValueError(f"eos_id must be an id below vocab_size="
                              f"{self.vocab_size}, got {self.eos_id}")
@@ -240,7 +234,7 @@ class TextEncoder(nn.Module):
         return states, pooled
 
 
-# § The image encoder: the ViT, with one more LayerNorm (docs/frontiers/clip.md:423)
+# § The image encoder: the ViT, with one more LayerNorm (docs/frontiers/clip.md:417)
 class ImageEncoder(nn.Module):
     """images (B, 28, 28) -> (states (B, 1 + N, D) after the final
     LayerNorm, pooled (B, D): the class token's)."""
@@ -280,7 +274,7 @@ class ImageEncoder(nn.Module):
         return states, states[:, 0]  # the class token's: (B, D)
 
 
-# § One space and a temperature (docs/frontiers/clip.md:492)
+# § One space and a temperature (docs/frontiers/clip.md:486)
 def _default_image() -> ViTConfig:
     """The image tower of the full run (every field named: the ViT
     chapter may change its defaults). Patches of 7x7: 16 tokens, a third
@@ -364,7 +358,7 @@ def load_trained_clip(path=WEIGHTS, config: CLIPConfig = TRAINED) -> CLIP:
     return model.eval()
 
 
-# § The symmetric contrastive loss (docs/frontiers/clip.md:625)
+# § The symmetric contrastive loss (docs/frontiers/clip.md:619)
 def clip_loss(logits_per_image: Tensor, labels: Tensor | None = None
               ) -> Tensor:
     """Mean of the cross entropies over rows (image -> captions) and
@@ -390,7 +384,7 @@ def clip_loss(logits_per_image: Tensor, labels: Tensor | None = None
             + F.cross_entropy(logits_per_image.T, targets)) / 2
 
 
-# § The Hugging Face layout (docs/frontiers/clip.md:703)
+# § The Hugging Face layout (docs/frontiers/clip.md:697)
 def config_to_hf(config: CLIPConfig) -> dict:
     """Our config as the fields of transformers' CLIPConfig (JSON-ready).
     The vision fields describe the ViT tower; the hybrid has no
@@ -478,7 +472,7 @@ def export_hf(model: CLIP) -> tuple[dict[str, Tensor], dict]:
     return state, hf
 
 
-# § Training on captioned digits (docs/frontiers/clip.md:809)
+# § Training on captioned digits (docs/frontiers/clip.md:803)
 @dataclasses.dataclass
 class CLIPRecipe:
     epochs: int = 20  # passes over the 8,000 digits
@@ -569,7 +563,7 @@ def train_clip(model: CLIP, train_data, val_data,
     return history
 
 
-# § Zero-shot classification and retrieval (docs/frontiers/clip.md:944)
+# § Zero-shot classification and retrieval (docs/frontiers/clip.md:938)
 @torch.no_grad()
 def embed_images(model: CLIP, images: Tensor, batch_size: int = 1000
                  ) -> Tensor:
@@ -620,7 +614,7 @@ def recall_at_1(model: CLIP, images: Tensor, labels: Tensor,
             "text_to_image": text_to_image.float().mean().item()}
 
 
-# § The full run (docs/frontiers/clip.md:1052)
+# § The full run (docs/frontiers/clip.md:1046)
 RECIPE = CLIPRecipe(
     epochs=40,  # what the CPU budget of a full run affords (the record
     # says how long they took)

@@ -131,6 +131,19 @@ def interpolate_positions(positions: Tensor, grid: tuple[int, int]
 
 
 # § The encoder: the Transformer chapter's, pre-norm (docs/transformers/vit.md:337)
+def check_sizes(sizes: dict[str, int], dim: int, heads: int) -> None:
+    """Refuse sizes that are not positive ints, and heads that do not
+    divide the width (a config's check; the CLIP chapter's text encoder
+    uses it too)."""
+    small = {k: v for k, v in sizes.items()
+             if not isinstance(v, int) or v < 1}
+    if small:
+        raise ValueError(f"expected positive ints, got {small}")
+    if dim % heads:
+        raise ValueError(f"heads must divide dim: got dim={dim}, "
+                         f"heads={heads}")
+
+
 @dataclasses.dataclass
 class ViTConfig:
     image_size: int = 28  # MNIST digits are 28x28 (a square image)
@@ -156,13 +169,7 @@ class ViTConfig:
                  "in_channels": self.in_channels, "classes": self.classes,
                  "dim": self.dim, "depth": self.depth, "heads": self.heads,
                  "mlp_dim": self.mlp_dim}
-        small = {k: v for k, v in sizes.items()
-                 if not isinstance(v, int) or v < 1}
-        if small:
-            raise ValueError(f"expected positive ints, got {small}")
-        if self.dim % self.heads:
-            raise ValueError(f"heads must divide dim: got dim={self.dim}, "
-                             f"heads={self.heads}")
+        check_sizes(sizes, self.dim, self.heads)
         check_patches(self.image_size, self.image_size, self.patch_size)
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -272,7 +279,7 @@ class ViT(nn.Module):
         return self.head(z[:, 0])  # the class token's: (B, classes)
 
 
-# § The Hugging Face layout (docs/transformers/vit.md:549)
+# § The Hugging Face layout (docs/transformers/vit.md:556)
 def config_to_hf(config: ViTConfig) -> dict:
     """Our config as the fields of transformers' ViTConfig (JSON-ready)."""
     if not config.position_embeddings:
@@ -391,7 +398,7 @@ def import_hf(state: dict[str, Tensor], hf_config: dict,
     return model
 
 
-# § The hybrid: a convolutional stem makes the tokens (docs/transformers/vit.md:706)
+# § The hybrid: a convolutional stem makes the tokens (docs/transformers/vit.md:713)
 def _hybrid_cnn() -> ResNetConfig:
     return ResNetConfig(widths=(32, 64), blocks=(1, 1))
 
@@ -454,7 +461,7 @@ class HybridViT(nn.Module):
         return self.vit(self.feature_map(images))  # (B, classes)
 
 
-# § Training on 8,000 digits (docs/transformers/vit.md:818)
+# § Training on 8,000 digits (docs/transformers/vit.md:825)
 VIT_MODEL = ViTConfig(
     patch_size=7,  # a 4x4 grid of 7x7-pixel patches: several times
     # cheaper an epoch than the 7x7 grid of 4x4 patches, with the same
@@ -484,7 +491,7 @@ HYBRID_RECIPE = dataclasses.replace(
 )
 
 
-# § The full run, in parts (docs/transformers/vit.md:913)
+# § The full run, in parts (docs/transformers/vit.md:920)
 EFFICIENCY_PARTS = {"efficiency_mlp": "MLP", "efficiency_resnet": "ResNet",
                     "efficiency_vit": "ViT", "efficiency_hybrid": "hybrid"}
 FULL_RUN_PARTS = ("vit", "hybrid", *EFFICIENCY_PARTS)
@@ -626,7 +633,7 @@ def full_run(device: str | None = None, part: str = "vit",
             "config": dataclasses.asdict(config), "accuracy": table}
 
 
-# § Inside the trained ViT (docs/transformers/vit.md:1148)
+# § Inside the trained ViT (docs/transformers/vit.md:1155)
 def load_trained_vit(path=WEIGHTS, config: ViTConfig = VIT_MODEL) -> ViT:
     """The ViT the full run's vit part trained and saved."""
     model = ViT(config)
@@ -635,7 +642,7 @@ def load_trained_vit(path=WEIGHTS, config: ViTConfig = VIT_MODEL) -> ViT:
     return model.eval()
 
 
-# § Where does the ViT think each patch is? (docs/transformers/vit.md:1174)
+# § Where does the ViT think each patch is? (docs/transformers/vit.md:1181)
 @torch.no_grad()
 def position_similarity(model: ViT) -> Tensor:
     """Cosine similarity of every patch's position vector with every
@@ -648,7 +655,7 @@ def position_similarity(model: ViT) -> Tensor:
     return (unit @ unit.T).view(g, g, g, g)  # (N, N) -> (g, g, g, g)
 
 
-# § Where the class token looks: attention rollout (docs/transformers/vit.md:1284)
+# § Where the class token looks: attention rollout (docs/transformers/vit.md:1291)
 @torch.no_grad()
 def attention_maps(model: ViT, images: Tensor) -> list[Tensor]:
     """Every layer's attention weights, (B, heads, T, T) each."""
