@@ -452,15 +452,27 @@ def test_cave_sample_drafts_with_counts_then_without(capsys):
     assert "building the n-gram draft took" in out.err
     model, tokenizer, _ = load_model(SHIPPED)
     prompt = tokenizer.encode("\n")[None]
+    # the shipped weights are bfloat16 numbers: by default it computes so
+    assert cli.stored_dtype(model) == torch.bfloat16
+    bf16 = FG.FastDecoder(model, torch.bfloat16)
     want, _ = FG.speculative_generate(
-        FG.FastDecoder(model), FG.shakespeare_draft(tokenizer), prompt, 30,
+        bf16, FG.shakespeare_draft(tokenizer), prompt, 30,
         temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(4))
     assert out.out == tokenizer.decode(want[0]) + "\n"
     assert cli.main(["sample", "--tokens", "30", "--seed", "4",
                      "--top-k", "5", "--draft", "none"]) == 0
+    want = FG.fast_generate(bf16, prompt, 30, temperature=0.8, top_k=5,
+                            generator=torch.Generator().manual_seed(4))
+    assert capsys.readouterr().out == tokenizer.decode(want[0]) + "\n"
+    assert cli.main(["sample", "--tokens", "30", "--seed", "4",
+                     "--top-k", "5", "--draft", "none",
+                     "--dtype", "float32"]) == 0
     want = FG.fast_generate(model, prompt, 30, temperature=0.8, top_k=5,
                             generator=torch.Generator().manual_seed(4))
     assert capsys.readouterr().out == tokenizer.decode(want[0]) + "\n"
+    with torch.no_grad():  # one weight off bfloat16's grid: float32
+        model.output.weight[0, 0] += 2 ** -20
+    assert cli.stored_dtype(model) == torch.float32
 
 
 def test_the_shipped_draft_shares_the_shipped_models_characters():

@@ -171,7 +171,7 @@ def build_parser() -> Parser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-cache", action="store_true",
                    help="recompute the whole window at every token (slow; "
-                        "the same text as --draft none)")
+                        "the same text as --draft none --dtype float32)")
     s.add_argument("--draft", choices=("ngram", "none"), default="ngram",
                    help="ngram: speculative decoding drafted by the "
                         "Shakespeare training text's n-gram counts, when "
@@ -181,10 +181,14 @@ def build_parser() -> Parser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--time", action="store_true",
                    help="print the seconds spent generating on stderr")
-    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   default="float32",
-                   help="the decoder's dtype (float16 holds the shipped "
-                        "bfloat16 weights, and runs faster on some CPUs)")
+    s.add_argument("--dtype", choices=("auto", "float32", "bfloat16",
+                                       "float16"), default="auto",
+                   help="the decoder's dtype; auto: bfloat16 when every "
+                        "weight of the checkpoint is a bfloat16 number (the "
+                        "shipped model's are: it computes with the very "
+                        "weights, at half the bytes), else float32; float16 "
+                        "holds bfloat16 weights too, and runs faster on "
+                        "some CPUs")
     s.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: one token at a time, a "
                         "second thread mostly waits, and on a busy machine "
@@ -281,6 +285,16 @@ def cmd_train(args, argv: list[str]) -> int:
     return 0
 
 
+def stored_dtype(model):
+    """bfloat16 if every weight of model is a bfloat16 number (the
+    shipped checkpoint stores them so), else float32."""
+    import torch
+
+    bf16 = all(torch.equal(p, p.bfloat16().to(p.dtype))
+               for p in model.parameters())
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def cmd_sample(args) -> int:
     import time
 
@@ -300,7 +314,7 @@ def cmd_sample(args) -> int:
     model, tokenizer, _ = L.load_model(args.checkpoint or L.SHIPPED, device)
     prompt = tokenizer.encode(args.prompt or "\n")[None]  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    if args.no_cache and args.dtype != "float32":
+    if args.no_cache and args.dtype not in ("auto", "float32"):
         raise UsageError("--no-cache runs the float32 model; drop --dtype")
     draft, built = None, time.perf_counter()
     if args.draft == "ngram" and not args.no_cache:
@@ -311,7 +325,8 @@ def cmd_sample(args) -> int:
     built = time.perf_counter() - built
     start = time.perf_counter()
     if not args.no_cache:
-        model = FastDecoder(model, getattr(torch, args.dtype))
+        model = FastDecoder(model, getattr(torch, args.dtype) if
+                            args.dtype != "auto" else stored_dtype(model))
     sampling = dict(temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, generator=generator)
     if draft is not None:

@@ -391,7 +391,7 @@ def time_generation(fn, tokens: int, clock=time.perf_counter) -> float:
     return tokens / (clock() - start)
 
 
-# § Many prompts at once (docs/frontiers/fast_generation.md:619)
+# § Many prompts at once (docs/frontiers/fast_generation.md:620)
 @torch.no_grad()
 def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
                       max_new_tokens: int, beam_width: int = 4,
@@ -453,7 +453,7 @@ def beam_search_batch(model: Llama | FastDecoder, idx: Tensor,
     return results
 
 
-# § Speculative decoding (docs/frontiers/fast_generation.md:741)
+# § Speculative decoding (docs/frontiers/fast_generation.md:742)
 def sampling_probs(logits: Tensor, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None
                    ) -> Tensor:
@@ -558,7 +558,7 @@ def speculative_generate(target: Llama | FastDecoder,
     return torch.tensor([tokens], device=device), stats
 
 
-# § A draft that costs nothing: the training text's n-grams (docs/frontiers/fast_generation.md:936)
+# § A draft that costs nothing: the training text's n-grams (docs/frontiers/fast_generation.md:937)
 @dataclasses.dataclass
 class NGramConfig:
     vocab_size: int  # the target's tokens: the draft must share them
@@ -674,7 +674,7 @@ def shakespeare_draft(tokenizer, order: int = 6, min_count: int = 3
                                                 min_count))
 
 
-# § The full run (docs/frontiers/fast_generation.md:1119)
+# § The full run (docs/frontiers/fast_generation.md:1120)
 def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
              threads: int = 1, draft_tokens: int = 4, clock: str = "cpu"
              ) -> dict:
