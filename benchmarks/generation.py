@@ -16,7 +16,8 @@ KV cache on:
     spec quick  cave.frontiers.fast_generation.speculative_generate with the
                 quick preset's model (float32) as the draft
     spec n-gram the same with the Shakespeare training split's n-gram
-                counts as the draft (shakespeare_draft); "f16" again the
+                counts as the draft (shakespeare_draft), NGRAM_DRAFT_TOKENS
+                drafts a round, as `cave sample`; "f16" again the
                 float16 kernels on the bfloat16 weights
     int8        the fast decoder with int8 weights (the compression
                 chapter's per-channel grid) and bfloat16 activations, alone
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
     f16 = FG.FastDecoder(model, torch.float16)
     int8 = FG.FastDecoder(model, torch.bfloat16, int8=True)
     best: dict = {}
+    K = FG.NGRAM_DRAFT_TOKENS  # drafts a round with the counts
 
     def keep(key, seconds):
         best[key] = min(best.get(key, float("inf")), seconds)
@@ -119,17 +121,17 @@ def main(argv=None) -> int:
             keep((n, dt, "spec"), timed(lambda: FG.speculative_generate(
                 fast, small, prompt, n, top_k=50, generator=gen())))
             keep((n, dt, "ngram"), timed(lambda: FG.speculative_generate(
-                fast, counts, prompt, n, top_k=50, generator=gen())))
+                fast, counts, prompt, n, K, top_k=50, generator=gen())))
             if dt == torch.bfloat16:
                 keep((n, dt, "ngram16"), timed(
                     lambda: FG.speculative_generate(
-                        f16, counts, prompt, n, top_k=50,
+                        f16, counts, prompt, n, K, top_k=50,
                         generator=gen())))
                 keep((n, dt, "int8"), timed(lambda: FG.fast_generate(
                     int8, prompt, n, top_k=50, generator=gen())))
                 keep((n, dt, "ngram8"), timed(
                     lambda: FG.speculative_generate(
-                        int8, counts, prompt, n, top_k=50,
+                        int8, counts, prompt, n, K, top_k=50,
                         generator=gen())))
             torch.manual_seed(r)
             keep((n, dt, "hf"), timed(lambda: hf.generate(

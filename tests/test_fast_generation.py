@@ -457,7 +457,7 @@ def test_cave_sample_drafts_with_counts_then_without(capsys):
     bf16 = FG.FastDecoder(model, torch.bfloat16)
     want, _ = FG.speculative_generate(
         bf16, FG.shakespeare_draft(tokenizer), prompt, 30,
-        temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(4))
+        FG.NGRAM_DRAFT_TOKENS, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(4))
     assert out.out == tokenizer.decode(want[0]) + "\n"
     assert cli.main(["sample", "--tokens", "30", "--seed", "4",
                      "--top-k", "5", "--draft", "none"]) == 0

@@ -300,7 +300,8 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from cave.frontiers.fast_generation import (FastDecoder, fast_generate,
+    from cave.frontiers.fast_generation import (NGRAM_DRAFT_TOKENS,
+                                                FastDecoder, fast_generate,
                                                 shakespeare_draft,
                                                 speculative_generate)
     from cave.transformers import llama_training as L
@@ -331,7 +332,8 @@ def cmd_sample(args) -> int:
                     top_p=args.top_p, generator=generator)
     if draft is not None:
         out, _ = speculative_generate(model, draft, prompt.to(device),
-                                      args.tokens, **sampling)
+                                      args.tokens, NGRAM_DRAFT_TOKENS,
+                                      **sampling)
     else:
         out = fast_generate(model, prompt.to(device), args.tokens,
                             use_cache=not args.no_cache, **sampling)
