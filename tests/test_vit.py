@@ -261,24 +261,25 @@ def test_hybrid_tokens_are_the_feature_map_flattened_row_by_row():
     torch.manual_seed(0)
     hybrid = V.HybridViT().eval()
     x = torch.rand(3, 28, 28)
-    maps = hybrid.feature_map(x)  # (3, 64, 7, 7)
-    assert maps.shape == (3, 64, 7, 7)
+    maps = hybrid.feature_map(x)  # (3, 128, 4, 4): the ResNet's last map
+    assert maps.shape == (3, 128, 4, 4)
     tokens = hybrid.tokens(x)
-    assert tokens.shape == (3, 49, 64)
-    for i in range(7):
-        for j in range(7):
-            assert torch.equal(tokens[:, i * 7 + j], maps[:, :, i, j])
-    # the stem's map is the ResNet's, and the ViT reads exactly it
+    assert tokens.shape == (3, 16, 128)
+    for i in range(4):
+        for j in range(4):
+            assert torch.equal(tokens[:, i * 4 + j], maps[:, :, i, j])
+    # the map is the CNN chapter's ResNet's, and the ViT reads exactly it
+    assert hybrid.config.cnn == V.ResNetConfig()
     assert torch.equal(maps, hybrid.cnn.feature_maps(x)[-1])
     torch.testing.assert_close(hybrid(x), hybrid.vit(maps), **F32)
     # its patch embedding (1x1 patches) is one linear map per position
-    w = hybrid.vit.patch_embed.projection.weight.view(64, 64)
+    w = hybrid.vit.patch_embed.projection.weight.view(64, 128)
     torch.testing.assert_close(hybrid.vit.patch_embed(maps),
                                tokens @ w.T +
                                hybrid.vit.patch_embed.projection.bias,
                                **F32)
-    assert hybrid.config.feature_size == 7
-    assert hybrid.vit.config.grid == 7
+    assert hybrid.config.feature_size == 4
+    assert hybrid.vit.config.grid == 4
 
 
 def test_hybrid_feature_size_follows_the_cnn():
@@ -338,14 +339,24 @@ def test_position_similarity_is_cosine_on_the_grid():
 
 def test_the_hybrid_tokens_see_the_receptive_field_the_chapter_states():
     chain = [(5, 1, 1), (2, 2, 1), (3, 1, 1), (3, 1, 1), (3, 2, 1),
-             (3, 1, 1)]
+             (3, 1, 1), (3, 2, 1), (3, 1, 1)]
     size = receptive_field(chain)[-1][0]
+    assert size == 50
     torch.manual_seed(0)
     hybrid = V.HybridViT().eval()
+    # on a 64-pixel image a middle token's field is not cut by the border
+    big = V.HybridViT(V.HybridConfig(image_size=64)).eval()
+    image = torch.rand(1, 64, 64, requires_grad=True)
+    tokens = big.tokens(image)  # (1, 64, 128): an 8x8 grid
+    grad, = torch.autograd.grad(tokens[0, 3 * 8 + 3].sum(), image)
+    rows = grad[0].abs().sum(dim=1).nonzero()
+    cols = grad[0].abs().sum(dim=0).nonzero()
+    assert rows.max() - rows.min() + 1 == size  # exactly the chain's
+    assert cols.max() - cols.min() + 1 == size
     image = torch.rand(1, 28, 28, requires_grad=True)
-    hybrid.tokens(image)[0, 24].sum().backward()
+    hybrid.tokens(image)[0, 0].sum().backward()  # the top-left token
     rows = image.grad[0].abs().sum(dim=1).nonzero()
-    assert 0 < rows.max() - rows.min() + 1 <= size
+    assert rows.min() == 0 and rows.max() + 1 == 26
 
 
 # --------------------------------------------------------------------------

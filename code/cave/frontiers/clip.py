@@ -243,7 +243,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.config = config
         if isinstance(config, HybridConfig):
-            self.hybrid = HybridViT(config)  # a ResNet stem, then a ViT
+            self.hybrid = HybridViT(config)  # a ResNet, then a ViT
             self.vit = self.hybrid.vit
         elif isinstance(config, ViTConfig):
             self.hybrid = None
