@@ -11,6 +11,8 @@ gradient of every parameter are compared, through the name table of
 export_hf / import_hf.
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -430,6 +432,16 @@ def test_recorded_full_run_has_every_part():
     record = load_results("vit")
     assert set(V.FULL_RUN_PARTS) <= set(record)
     assert record["vit"]["model"] == V.dataclasses.asdict(V.VIT_MODEL)
+    # the records are of the models and recipes the module now defines
+    assert record["hybrid"]["model"] == json.loads(json.dumps(
+        V.dataclasses.asdict(V.HybridConfig())))  # tuples read as lists
+    for part, recipe in (("vit", V.VIT_RECIPE), ("hybrid", V.HYBRID_RECIPE)):
+        assert record[part]["train"]["epochs"] == recipe.epochs
+    models = V.era_models()
+    for part, name in V.EFFICIENCY_PARTS.items():
+        run = record[part]  # older records kept the steps in the config
+        assert run.get("steps", run["config"]["steps"]) == \
+            V.EfficiencyConfig().steps_for(models[name][1]), part
     assert V.WEIGHTS.is_file() and V.WEIGHTS.stat().st_size < 2_000_000
     for part, name in V.EFFICIENCY_PARTS.items():
         run = record[part]
