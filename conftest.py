@@ -151,3 +151,18 @@ def pytest_collection_modifyitems(config, items):
         # worker; tests marked `spread` go wherever a worker is free
         if grouping and item.get_closest_marker("spread") is None:
             _keep_on_one_worker(item, item.nodeid.split("::")[0])
+    # xdist hands out the groups in this order: the longest first (the
+    # site's build and browser, about 100 s on one worker; then the copies
+    # and the labs, which retrain), so that no long group starts last
+    # while the other worker sits idle. The sort is stable: a page's
+    # fences keep their order.
+    items.sort(key=_heavy_first)
+
+
+def _heavy_first(item) -> int:
+    path = item.path.as_posix()
+    if path.endswith("tests/test_site.py"):
+        return 0
+    if path.endswith("tests/test_copies.py") or "/docs/labs/" in path:
+        return 1
+    return 2

@@ -440,7 +440,7 @@ RECIPE = TrainConfig(
 )
 
 
-# § The full run (docs/classical/cnn.md:1115)
+# § The full run (docs/classical/cnn.md:1125)
 FULL_RUN_PARTS = ("resnet", "lenet")
 
 
@@ -479,7 +479,7 @@ def full_run(device: str | None = None, part: str = "resnet",
     return record
 
 
-# § Then and now: the perceptron, LeNet-5 and the ResNet (docs/classical/cnn.md:1225)
+# § Then and now: the perceptron, LeNet-5 and the ResNet (docs/classical/cnn.md:1235)
 class ScaledTanh(nn.Module):
     """LeCun's squashing function, 1.7159 tanh(2x / 3)."""
 

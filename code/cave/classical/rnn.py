@@ -714,13 +714,13 @@ def train_char_lstm(model: CharLSTM, train_ids: Tensor,
     return losses
 
 
-# § Then and now: Elman, LSTM and GRU on one task (docs/classical/rnn.md:1572)
+# § Then and now: Elman, LSTM and GRU on one task (docs/classical/rnn.md:1582)
 CELL_MODEL = CharLSTMConfig(hidden=128, layers=1, dropout=0.0)
 CELL_TRAIN = CharTrainConfig(steps=600, batch_size=32)  # about a minute
 # per cell on a 2-core CPU: the comparison, not the best model
 
 
-# § From the command line (docs/classical/rnn.md:1649)
+# § From the command line (docs/classical/rnn.md:1659)
 TEMPERATURES = (0.5, 0.8, 1.2)  # samples recorded at each
 
 

@@ -584,7 +584,7 @@ def beam_search(model: Transformer, src: Tensor, beam_width: int = 4,
     return ids, score
 
 
-# § What the heads look at (docs/transformers/transformer.md:1058)
+# § What the heads look at (docs/transformers/transformer.md:1068)
 @torch.no_grad()
 def last_attention(model: Transformer, src: Tensor, tgt_in: Tensor
                    ) -> tuple[Tensor, Tensor]:
@@ -601,7 +601,7 @@ def last_attention(model: Transformer, src: Tensor, tgt_in: Tensor
     return enc.weights[0], cross.weights[0]  # (H, S, S), (H, T, S)
 
 
-# § The full run (docs/transformers/transformer.md:1145)
+# § The full run (docs/transformers/transformer.md:1155)
 def full_run(device: str | None = None, **overrides) -> dict:
     """Train the default model for real; return the record
     transformer.json keeps. overrides: TransformerTrainConfig fields."""
