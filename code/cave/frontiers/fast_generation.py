@@ -680,7 +680,7 @@ NGRAM_DRAFT_TOKENS = 8  # drafts a round with the count table: a draft
 # model 8 beat 4, 6 and 10 (the chapter's measurement below)
 
 
-# § The full run (docs/frontiers/fast_generation.md:1139)
+# § The full run (docs/frontiers/fast_generation.md:1183)
 def full_run(device: str | None = None, tokens: int = 250, rounds: int = 3,
              threads: int = 1, draft_tokens: int = 4,
              ngram_draft_tokens: int = NGRAM_DRAFT_TOKENS,
