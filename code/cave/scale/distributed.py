@@ -31,7 +31,6 @@ The chapter docs/scale/distributed.md builds, in order:
 """
 
 import contextlib
-import dataclasses
 import datetime
 import inspect
 import json
@@ -45,8 +44,6 @@ import time
 from collections import Counter
 
 import numpy as np
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -54,17 +51,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from cave.fundamentals.checkpoints import load_checkpoint, save_checkpoint
+from cave.fundamentals.checkpoints import load_checkpoint
 from cave.fundamentals.data import Batches, shakespeare_split
-from cave.fundamentals.essentials import max_diff, pick_device, seed_everything
+from cave.fundamentals.essentials import max_diff
 from cave.transformers.llama import (Attention, Block, FeedForward, Llama,
                                      LlamaConfig, RMSNorm, apply_rope)
-from cave.transformers.llama_training import (
-    Progress, TrainConfig, evaluate, llama_checkpoint_files, lr_at,
-    make_optimizer, resume_run)
+from cave.transformers.llama_training import (TrainConfig, TrainingRun,
+                                               lr_at)
 
 
-# § Ranks and process groups (docs/scale/distributed.md:124)
+# § Ranks and process groups (docs/scale/distributed.md:120)
 def free_port() -> int:
     """A TCP port on this machine that nothing listens on right now."""
     with socket.socket() as s:
@@ -182,7 +178,7 @@ def launch(fn, world_size: int = 2, *args, timeout: float = 30.0,
     return [out.get(r) for r in range(world_size)]
 
 
-# § The four collectives (docs/scale/distributed.md:317)
+# § The four collectives (docs/scale/distributed.md:313)
 def ring_bytes(kind: str, nbytes: float, world_size: int) -> float:
     """Bytes one rank sends in a bandwidth-optimal ring collective on a
     tensor of nbytes (the full tensor: the all-reduced one, the gathered
@@ -241,7 +237,7 @@ class Comm:
         return sum(self.sent.values())
 
 
-# § Data parallelism from scratch (docs/scale/distributed.md:444)
+# § Data parallelism from scratch (docs/scale/distributed.md:440)
 class DataParallel(nn.Module):
     """Data parallelism from scratch: one replica per rank.
 
@@ -317,7 +313,7 @@ class DataParallel(nn.Module):
             self.sync = True
 
 
-# § The sampler, and accumulation without synchronising (docs/scale/distributed.md:597)
+# § The sampler, and accumulation without synchronising (docs/scale/distributed.md:593)
 def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True,
                   seed: int = 0, epoch: int = 0) -> list[int]:
     """The examples rank `rank` sees in one epoch of a data set of n:
@@ -335,7 +331,7 @@ def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True,
     return order[rank:total:world_size]
 
 
-# § ZeRO: sharding the optimiser, the gradients, the parameters (docs/scale/distributed.md:717)
+# § ZeRO: sharding the optimiser, the gradients, the parameters (docs/scale/distributed.md:713)
 def piece(numel: int, rank: int, world_size: int) -> tuple[int, int, int]:
     """Rank `rank`'s piece of a flattened tensor of numel elements:
     (chunk, lo, hi). Every rank is given chunk = ceil(numel / N) slots;
@@ -477,7 +473,7 @@ def fully_shard_units(model: nn.Module, comm: Comm,
     return model
 
 
-# § What each stage sends and holds (docs/scale/distributed.md:887)
+# § What each stage sends and holds (docs/scale/distributed.md:883)
 SCHEMES = ("data parallel", "ZeRO-1", "ZeRO-2", "ZeRO-3")
 
 
@@ -637,7 +633,7 @@ def train_scheme(rank: int, world_size: int, scheme: str, make_model,
             "seconds": seconds}
 
 
-# § Tensor parallelism (docs/scale/distributed.md:1134)
+# § Tensor parallelism (docs/scale/distributed.md:1130)
 class CopyToRanks(torch.autograd.Function):
     """Megatron's f: forward, the identity (every rank holds the whole
     input); backward, the all-reduce of the input's partial gradients."""
@@ -772,7 +768,7 @@ def tensor_parallel_bytes(activation_bytes: int, world_size: int) -> float:
     return 2 * ring_bytes("all_reduce", activation_bytes, world_size)
 
 
-# § `cave train` on many ranks (docs/scale/distributed.md:1354)
+# § `cave train` on many ranks (docs/scale/distributed.md:1353)
 def train_data_parallel(config: TrainConfig, model_config: LlamaConfig,
                         out_dir=None, resume: bool = False,
                         stop_at: int | None = None, stream=None,
@@ -791,45 +787,17 @@ def train_data_parallel(config: TrainConfig, model_config: LlamaConfig,
         raise ValueError(f"batch_size {config.batch_size} must divide by "
                          f"the {N} ranks (each takes batch_size / N rows "
                          f"of every micro-batch)")
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir, the run's folder")
-    device = pick_device(config.device)
-    ckpt = load_checkpoint(out_dir) if resume else None  # every rank reads
-    tokenizer, train_ids, val_ids = data or shakespeare_split()
-    model_config = dataclasses.replace(model_config,
-                                       vocab_size=tokenizer.vocab_size)
-    seed_everything(config.seed)
-    model = Llama(model_config).to(device)
-    optimizer = make_optimizer(model, config)
-    batches = Batches(train_ids, config.batch_size, config.block_size,
-                      seed=config.seed)
-    done = {"step": 0, "tokens": 0, "seconds": 0.0}
-    if resume:
-        done = resume_run(ckpt, model, optimizer, batches, tokenizer)
-    comm = Comm()
+    lead = rank == 0  # the one rank that evaluates, logs and checkpoints
+    run = TrainingRun(config, model_config, out_dir, resume, stream, data,
+                      writes=lead)  # every rank reads the checkpoint
+    model, optimizer, batches = run.model, run.optimizer, run.batches
+    device, comm = run.device, Comm()
     replica = DataParallel(model, comm)  # rank 0's weights everywhere
-    lead = rank == 0
-    log = None
-    if lead and out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        log = open(Path(out_dir) / "log.jsonl", "a", encoding="utf-8")
-
-    def record(**fields):
-        if log is not None:
-            log.write(json.dumps(fields) + "\n")
-            log.flush()
-        return fields
-
     rows = slice(rank * config.batch_size // N,
                  (rank + 1) * config.batch_size // N)
     last = min(config.max_steps if stop_at is None else stop_at,
                config.max_steps)
-    step, tokens, val = done["step"], done["tokens"], None
-    bar = Progress(config.max_steps, stream if lead else None)
-    history, start = {"train": [], "val": []}, time.perf_counter()
-    record(event="start", step=step, resume=resume, ranks=N,
-           device=str(device), config=dataclasses.asdict(config),
-           model=dataclasses.asdict(model_config))
+    step, tokens = run.begin(ranks=N)
     model.train()
     while step < last:
         lr = lr_at(step, config)
@@ -854,49 +822,11 @@ def train_data_parallel(config: TrainConfig, model_config: LlamaConfig,
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += config.tokens_per_step
-        if not lead:
-            continue
-        val = None
-        if step % config.eval_interval == 0 or step == config.max_steps:
-            final = step == config.max_steps
-            val = evaluate(model, val_ids, config.block_size,
-                           None if final else config.eval_windows,
-                           bf16=config.bf16)
-            history["val"].append(record(event="val", step=step,
-                                         val_loss=val, tokens=tokens))
-        if step % config.log_interval == 0 or val is not None or \
-                step == last:
-            elapsed = time.perf_counter() - start
-            loss_value = loss_sum.item() / config.grad_accum / N
-            tok_s = (tokens - done["tokens"]) / max(elapsed, 1e-9)
-            history["train"].append(record(
-                event="train", step=step, loss=loss_value, lr=lr,
-                tokens=tokens, seconds=done["seconds"] + elapsed,
-                tok_per_s=tok_s))
-            bar.update(step, loss_value, tok_s, val)
-        if out_dir is not None and (step % config.checkpoint_interval == 0
-                                    or step == last):
-            progress = {"step": step, "tokens": tokens, "seconds":
-                        done["seconds"] + time.perf_counter() - start}
-            files = llama_checkpoint_files(model, optimizer, batches,
-                                           config, tokenizer, progress)
-            folder = save_checkpoint(out_dir, files, step)
-            record(event="checkpoint", step=step, path=str(folder))
+        if lead:
+            run.after_step(step, tokens, loss_sum / config.grad_accum / N,
+                           lr, last)
     dist.barrier()  # no rank leaves before rank 0's last checkpoint
-    seconds = done["seconds"] + time.perf_counter() - start
-    summary = {"steps": step, "tokens": tokens, "seconds": seconds,
-               "wall_seconds": seconds - done["seconds"], "ranks": N,
-               "val_loss": history["val"][-1]["val_loss"]
-               if lead and step == config.max_steps and history["val"]
-               else None,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "sent_bytes": comm.total(),
-               "history": history, "model": model}
-    record(event="done", **{k: v for k, v in summary.items()
-                            if k not in ("history", "model")})
-    if log is not None:
-        log.close()
-    return summary
+    return run.finish(step, tokens, ranks=N, sent_bytes=comm.total())
 
 
 def torchrun_train(config: TrainConfig, model_config: LlamaConfig,
@@ -921,7 +851,7 @@ def torchrun_train(config: TrainConfig, model_config: LlamaConfig,
     return summary if rank == 0 else None
 
 
-# § Measured: bytes and time per step (docs/scale/distributed.md:1555)
+# § Measured: bytes and time per step (docs/scale/distributed.md:1488)
 def llama_case(steps: int, batch_size: int = 32, block_size: int = 64,
                **model_kw):
     """A LLaMA problem for train_scheme: (make_model, batches, loss_fn,

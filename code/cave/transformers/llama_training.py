@@ -14,8 +14,9 @@ The chapter docs/transformers/llama_training.md builds, in order:
     FORMAT, config_json, read_config, load_model, saved_configs
                         a LLaMA checkpoint: the checkpoints chapter's files
                         with the configs, the tokeniser, the data position
-    train               the loop: accumulation, clipping, bf16 autocast,
-                        validation, checkpoints, exact resume, a log
+    TrainingRun         a run around its loop: model, optimiser and data,
+                        fresh or resumed; validation, a log, checkpoints
+    train               the loop: accumulation, clipping, bf16 autocast
     PRESETS, export_model
                         named recipes; the shipped model's files
     matmul_peak, flops_per_token, generation_speed
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cave.fundamentals.checkpoints import (
     CheckpointError, checkpoint_files, checkpoint_folder, load_checkpoint,
@@ -51,7 +52,7 @@ from cave.transformers.llama import Llama, LlamaConfig, generate
 __all__ = [
     "TrainConfig", "PRESETS", "lr_at", "make_optimizer", "evaluate",
     "FORMAT", "config_json", "read_config", "load_model", "saved_configs",
-    "train", "sample_text", "export_model", "matmul_peak",
+    "TrainingRun", "train", "sample_text", "export_model", "matmul_peak",
     "flops_per_token", "generation_speed", "SHIPPED",
 ]
 
@@ -60,7 +61,7 @@ __all__ = [
 SHIPPED: Path = RESULTS_DIR / "llama_shakespeare"
 
 
-# § The configuration (docs/transformers/llama_training.md:112)
+# § The configuration (docs/transformers/llama_training.md:113)
 @dataclasses.dataclass
 class TrainConfig:
     batch_size: int = 64  # windows per micro-batch
@@ -110,7 +111,7 @@ class TrainConfig:
         return self.batch_size * self.block_size * self.grad_accum
 
 
-# § Warm-up and cosine (docs/transformers/llama_training.md:209)
+# § Warm-up and cosine (docs/transformers/llama_training.md:210)
 def lr_at(step: int, config: TrainConfig) -> float:
     """The learning rate of optimiser step `step` (0-based)."""
     c = config
@@ -122,7 +123,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return c.min_lr + cosine * (c.lr - c.min_lr)
 
 
-# § AdamW, decay on matrices only (docs/transformers/llama_training.md:246)
+# § AdamW, decay on matrices only (docs/transformers/llama_training.md:247)
 def make_optimizer(model: nn.Module, config: TrainConfig
                    ) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (ndim >= 2), none on norm gains."""
@@ -136,7 +137,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig
                              betas=(config.beta1, config.beta2))
 
 
-# § Evaluation: a fixed protocol (docs/transformers/llama_training.md:292)
+# § Evaluation: a fixed protocol (docs/transformers/llama_training.md:293)
 @torch.no_grad()
 def evaluate(model: nn.Module, ids: torch.Tensor, block_size: int,
              max_windows: int | None = None, batch_size: int = 64,
@@ -157,7 +158,7 @@ def evaluate(model: nn.Module, ids: torch.Tensor, block_size: int,
     return total / count
 
 
-# § A LLaMA's checkpoints (docs/transformers/llama_training.md:354)
+# § A LLaMA's checkpoints (docs/transformers/llama_training.md:355)
 FORMAT = "cave-llama-checkpoint-1"  # written into every config.json
 
 
@@ -222,7 +223,7 @@ def saved_configs(path: str | Path) -> tuple[dict, dict]:
     return dict(config["train"]), dict(config["model"])
 
 
-# § The training loop (docs/transformers/llama_training.md:457)
+# § The training loop (docs/transformers/llama_training.md:458)
 class Progress:
     """A one-line progress bar (redrawn in place on a terminal, a line
     at a time elsewhere)."""
@@ -305,6 +306,119 @@ def sample_text(model: Llama, tokenizer: CharTokenizer, prompt: str,
     return tokenizer.decode(out[0])
 
 
+class TrainingRun:
+    """A Llama's training run around its loop: what it trains, and what
+    it writes. writes=False keeps it silent: no files, no progress bar."""
+
+    def __init__(self, config: TrainConfig, model_config: LlamaConfig,
+                 out_dir: str | Path | None = None, resume: bool = False,
+                 stream=None, data=None, writes: bool = True):
+        self.wall_start = time.perf_counter()
+        self.config, self.resume = config, resume
+        self.device = pick_device(config.device)  # ValueError if not there
+        if resume and out_dir is None:
+            raise ValueError("resume=True needs out_dir, the run's folder")
+        ckpt = load_checkpoint(out_dir) if resume else None  # fail early
+        data = data or shakespeare_split()
+        self.tokenizer, train_ids, self.val_ids = data
+        model_config = dataclasses.replace(
+            model_config, vocab_size=self.tokenizer.vocab_size)
+        if model_config.max_seq_len < config.block_size:
+            raise ValueError(f"block_size {config.block_size} exceeds the "
+                             f"model's max_seq_len {model_config.max_seq_len}")
+        seed_everything(config.seed)  # initial weights, dropout, every RNG
+        self.model = Llama(model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, config)
+        self.batches = Batches(train_ids, config.batch_size,
+                               config.block_size, seed=config.seed)
+        self.done = {"step": 0, "tokens": 0, "seconds": 0.0}  # all sessions
+        if resume:  # weights, optimiser, data position, every random state
+            self.done = resume_run(ckpt, self.model, self.optimizer,
+                                   self.batches, self.tokenizer)
+        self.out_dir = Path(out_dir) if writes and out_dir is not None \
+            else None
+        self.log = None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.log = open(self.out_dir / "log.jsonl", "a",
+                            encoding="utf-8")
+        self.history = {"train": [], "val": [], "samples": []}
+        self.bar = Progress(config.max_steps, stream if writes else None)
+        self.start = time.perf_counter()
+
+    def record(self, **fields) -> dict:
+        """One event, appended to log.jsonl (when there is one)."""
+        if self.log is not None:
+            self.log.write(json.dumps(fields) + "\n")
+            self.log.flush()
+        return fields
+
+    def begin(self, **fields) -> tuple[int, int]:
+        """Log the start (fields join the event); (step, tokens) so far."""
+        self.record(event="start", step=self.done["step"],
+                    resume=self.resume, device=str(self.device),
+                    config=dataclasses.asdict(self.config),
+                    model=dataclasses.asdict(self.model.config), **fields)
+        self.start = time.perf_counter()
+        return self.done["step"], self.done["tokens"]
+
+    def seconds(self) -> float:
+        """Seconds of training, over every session of the run."""
+        return self.done["seconds"] + time.perf_counter() - self.start
+
+    def after_step(self, step: int, tokens: int, loss: Tensor, lr: float,
+                   last: int, sample=None) -> None:
+        """Validate, log and checkpoint, each at its interval, after the
+        step that reached `step`; loss is that step's mean training loss
+        (a 0-d tensor, read only when logged: reading it waits for the
+        GPU), last the step this session stops at, sample() a text."""
+        c, final = self.config, step == self.config.max_steps
+        val = None
+        if step % c.eval_interval == 0 or final:
+            val = evaluate(self.model, self.val_ids, c.block_size,
+                           None if final else c.eval_windows, bf16=c.bf16)
+            self.history["val"].append(self.record(
+                event="val", step=step, val_loss=val, tokens=tokens,
+                windows="all" if final else c.eval_windows))
+            if sample is not None:
+                self.history["samples"].append(self.record(
+                    event="sample", step=step, text=sample()))
+        if step % c.log_interval == 0 or val is not None or step == last:
+            loss, elapsed = loss.item(), time.perf_counter() - self.start
+            tok_s = (tokens - self.done["tokens"]) / max(elapsed, 1e-9)
+            self.history["train"].append(self.record(
+                event="train", step=step, loss=loss, lr=lr, tokens=tokens,
+                seconds=self.seconds(), tok_per_s=tok_s))
+            self.bar.update(step, loss, tok_s, val)
+        if self.out_dir is not None and (
+                step % c.checkpoint_interval == 0 or step == last):
+            progress = {"step": step, "tokens": tokens,
+                        "seconds": self.seconds()}
+            files = llama_checkpoint_files(self.model, self.optimizer,
+                                           self.batches, c, self.tokenizer,
+                                           progress)
+            folder = save_checkpoint(self.out_dir, files, step)
+            self.record(event="checkpoint", step=step, path=str(folder))
+
+    def finish(self, step: int, tokens: int, **fields) -> dict:
+        """Log the end, close the log; the run's summary (fields join
+        it), with its history and the trained model."""
+        history = self.history
+        summary = {"steps": step, "tokens": tokens,
+                   "seconds": self.seconds(),
+                   "wall_seconds": time.perf_counter() - self.wall_start,
+                   "val_loss": history["val"][-1]["val_loss"]
+                   if step == self.config.max_steps and history["val"]
+                   else None,
+                   "parameters": sum(p.numel()
+                                     for p in self.model.parameters()),
+                   **fields}
+        self.record(event="done", **summary)
+        if self.log is not None:
+            self.log.close()
+        return {**summary, "history": history, "model": self.model}
+
+
 def train(config: TrainConfig, model_config: LlamaConfig,
           out_dir: str | Path | None = None, resume: bool = False,
           stop_at: int | None = None, stream=None, data=None,
@@ -316,45 +430,16 @@ def train(config: TrainConfig, model_config: LlamaConfig,
     at that step, as a crash would, after writing a checkpoint. data is
     (tokenizer, train_ids, val_ids), by default the data chapter's split.
     """
-    wall_start = time.perf_counter()
-    device = pick_device(config.device)  # ValueError if it is not there
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir, the run's folder")
-    ckpt = load_checkpoint(out_dir) if resume else None  # fail early
-    tokenizer, train_ids, val_ids = data or shakespeare_split()
-    model_config = dataclasses.replace(model_config,
-                                       vocab_size=tokenizer.vocab_size)
-    if model_config.max_seq_len < config.block_size:
-        raise ValueError(f"block_size {config.block_size} exceeds the "
-                         f"model's max_seq_len {model_config.max_seq_len}")
-    seed_everything(config.seed)  # initial weights, dropout, every RNG
-    model = Llama(model_config).to(device)
-    optimizer = make_optimizer(model, config)
-    batches = Batches(train_ids, config.batch_size, config.block_size,
-                      seed=config.seed)
-    done = {"step": 0, "tokens": 0, "seconds": 0.0}  # over all sessions
-    if resume:  # weights, optimiser, data position, every random state
-        done = resume_run(ckpt, model, optimizer, batches, tokenizer)
-    log = None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        log = open(Path(out_dir) / "log.jsonl", "a", encoding="utf-8")
+    run = TrainingRun(config, model_config, out_dir, resume, stream, data)
+    model, optimizer, batches = run.model, run.optimizer, run.batches
+    device = run.device
+    last = min(config.max_steps if stop_at is None else stop_at,
+               config.max_steps)
 
-    def record(**fields):
-        if log is not None:
-            log.write(json.dumps(fields) + "\n")
-            log.flush()
-        return fields
+    def sample():
+        return sample_text(model, run.tokenizer, sample_prompt, sample_chars)
 
-    history = {"train": [], "val": [], "samples": []}
-    bar = Progress(config.max_steps, stream)
-    last = stop_at if stop_at is not None else config.max_steps
-    last = min(last, config.max_steps)
-    step, tokens = done["step"], done["tokens"]
-    start, session_tokens = time.perf_counter(), 0
-    record(event="start", step=step, resume=resume, device=str(device),
-           config=dataclasses.asdict(config),
-           model=dataclasses.asdict(model_config))
+    step, tokens = run.begin()
     model.train()
     while step < last:
         lr = lr_at(step, config)
@@ -375,53 +460,12 @@ def train(config: TrainConfig, model_config: LlamaConfig,
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += config.tokens_per_step
-        session_tokens += config.tokens_per_step
-        final = step == config.max_steps
-        val = None
-        if step % config.eval_interval == 0 or final:
-            val = evaluate(model, val_ids, config.block_size,
-                           None if final else config.eval_windows,
-                           bf16=config.bf16)
-            history["val"].append(record(
-                event="val", step=step, val_loss=val, tokens=tokens,
-                windows="all" if final else config.eval_windows))
-            if sample_chars > 0:
-                history["samples"].append(record(
-                    event="sample", step=step, text=sample_text(
-                        model, tokenizer, sample_prompt, sample_chars)))
-        if step % config.log_interval == 0 or val is not None or \
-                step == last:
-            elapsed = time.perf_counter() - start
-            loss_value = loss_sum.item() / config.grad_accum
-            tok_s = session_tokens / max(elapsed, 1e-9)
-            history["train"].append(record(
-                event="train", step=step, loss=loss_value, lr=lr,
-                tokens=tokens, seconds=done["seconds"] + elapsed,
-                tok_per_s=tok_s))
-            bar.update(step, loss_value, tok_s, val)
-        if out_dir is not None and (step % config.checkpoint_interval == 0
-                                    or step == last):
-            progress = {"step": step, "tokens": tokens, "seconds":
-                        done["seconds"] + time.perf_counter() - start}
-            files = llama_checkpoint_files(model, optimizer, batches,
-                                           config, tokenizer, progress)
-            folder = save_checkpoint(out_dir, files, step)
-            record(event="checkpoint", step=step, path=str(folder))
-    seconds = done["seconds"] + time.perf_counter() - start
-    summary = {"steps": step, "tokens": tokens, "seconds": seconds,
-               "wall_seconds": time.perf_counter() - wall_start,
-               "val_loss": history["val"][-1]["val_loss"]
-               if step == config.max_steps and history["val"] else None,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "history": history, "model": model}
-    record(event="done", **{k: v for k, v in summary.items()
-                            if k not in ("history", "model")})
-    if log is not None:
-        log.close()
-    return summary
+        run.after_step(step, tokens, loss_sum / config.grad_accum, lr, last,
+                       sample if sample_chars > 0 else None)
+    return run.finish(step, tokens)
 
 
-# § The command line (docs/transformers/llama_training.md:769)
+# § The command line (docs/transformers/llama_training.md:826)
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {  # seconds: for tests and the chapter's demonstrations
         "train": dict(batch_size=8, block_size=32, max_steps=40,
